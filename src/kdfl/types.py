@@ -1,0 +1,157 @@
+"""Core types shared by every part of kdfl.
+
+The vocabulary: a *client* trains in a *round* and sends an *update* whose *payload*
+(named tensors) crosses the wire; the server turns the updates into a new *state*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+StateDict = dict[str, Tensor]
+Payload = dict[str, Tensor]  # named tensors that cross the wire: "delta", "logits", ...
+ClientState = dict[str, Any]  # what a stateful client keeps between rounds (never sent)
+
+
+class KdflError(Exception):
+    """A user-facing error: the message names the problem and the fix."""
+
+
+class PayloadError(KdflError):
+    """A payload that cannot be decoded or fails validation (NaN, wrong shape/dtype...)."""
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """An in-memory labelled data set. ``x``: (n, *input_shape) float32, ``y``: (n,) int64."""
+
+    x: Tensor
+    y: Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise KdflError(f"x has {self.x.shape[0]} rows but y has {self.y.shape[0]}")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def subset(self, index: Tensor | Sequence[int]) -> TensorData:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return TensorData(self.x[idx], self.y[idx])
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client returns after a round.
+
+    ``payload`` is all that crosses the wire (bytes are measured on its encoding).
+    ``client_state`` stays on the client: the engine stores it and hands it back next
+    time (stateful clients: FedMD, heterogeneous FedEMA-Distill, FedKD, ...).
+    New algorithms add *keys* to ``payload``, never fields here.
+    """
+
+    client_id: int
+    num_examples: int
+    payload: Payload
+    metrics: dict[str, float] = field(default_factory=dict)
+    client_state: ClientState | None = None
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """The server's state after a round.
+
+    ``params`` are the weights of the evaluated global model (architecture
+    ``task.server_arch``). ``extra`` holds algorithm-specific tensors or values
+    (server momentum, EMA weights, per-architecture prototypes, ...); everything in it
+    must be picklable with ``torch.save`` so that checkpoints can resume.
+    """
+
+    params: StateDict
+    round: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Client:
+    """One client as handed to ``client_update`` for one round."""
+
+    id: int
+    data: TensorData
+    arch: str
+    round: int
+    seed: int  # derived from (run seed, round, client id); see ``kdfl.rng``
+    state: ClientState | None = None
+    malicious: bool = False
+
+    def generator(self, stream: int = 0) -> torch.Generator:
+        """A fresh generator for this (round, client) and a named sub-stream."""
+        from kdfl.rng import derive
+
+        return torch.Generator().manual_seed(derive(self.seed, stream))
+
+
+@dataclass
+class Task:
+    """Everything an algorithm needs besides its hyperparameters.
+
+    Args:
+        train: the whole training pool (clients hold index subsets of it).
+        test: the global test set.
+        proxy: unlabeled public inputs for distillation, (N, *input_shape), or None.
+        val: optional labeled server validation slice.
+        num_classes: C.
+        input_shape: shape of one input, e.g. (1, 8, 8) or (40,).
+        server_arch: architecture of the global (server) model.
+        client_archs: architecture of each client, indexed by client id.
+        build_model: ``build_model(arch_name) -> nn.Module`` with fresh random weights
+            drawn from torch's current generator (callers seed it).
+        seed: run seed.
+        device: where training runs.
+        malicious: ids of the Byzantine clients (fixed for the run).
+    """
+
+    train: TensorData
+    test: TensorData
+    proxy: Tensor | None
+    val: TensorData | None
+    num_classes: int
+    input_shape: tuple[int, ...]
+    server_arch: str
+    client_archs: list[str]
+    build_model: Callable[[str], nn.Module]
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    malicious: frozenset[int] = frozenset()
+
+    def new_model(self, arch: str | None = None, seed: int | None = None) -> nn.Module:
+        """Build ``arch`` (default: the server's) with weights drawn from ``seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed if seed is None else seed)
+            model = self.build_model(arch or self.server_arch)
+        return model.to(self.device)
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """The contract every algorithm meets: pure halves, state in, state out.
+
+    ``configure`` says what the server sends one client (the downlink payload, measured
+    in bytes like the uplink); ``client_update`` runs on the client from that payload;
+    ``server_update`` folds the accepted updates into a new state.
+    """
+
+    def init(self, task: Task) -> ServerState: ...
+
+    def configure(self, task: Task, state: ServerState, client: Client) -> Payload: ...
+
+    def client_update(self, task: Task, downlink: Payload, client: Client) -> ClientUpdate: ...
+
+    def server_update(
+        self, task: Task, state: ServerState, updates: Sequence[ClientUpdate]
+    ) -> ServerState: ...
