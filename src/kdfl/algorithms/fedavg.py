@@ -1,0 +1,127 @@
+"""FedAvg: clients run local SGD from the global weights; the server averages the deltas.
+
+McMahan, Moore, Ramage, Hampson, Agüera y Arcas. Communication-Efficient Learning of
+Deep Networks from Decentralized Data. AISTATS 2017. https://arxiv.org/abs/1602.05629
+
+The shared steps (``train_delta``, ``aggregate_deltas``, ``check_delta``) are used by
+FedProx, FedAvgM, FedDF and any other weight-sharing algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kdfl import tree
+from kdfl.aggregation import aggregate_tensors, make_aggregator
+from kdfl.spec import parse_spec
+from kdfl.losses import Loss, cross_entropy
+from kdfl.train import LocalSGD, local_train
+from kdfl.types import (
+    Client,
+    ClientUpdate,
+    KdflError,
+    Payload,
+    PayloadError,
+    ServerState,
+    StateDict,
+    Task,
+)
+
+DELTA = "delta."  # payload key prefix of a weight delta
+
+
+def init_params(task: Task, arch: str | None = None) -> StateDict:
+    """Fresh weights of ``arch`` (default: server) drawn from the run seed."""
+    return tree.state_of(task.new_model(arch))
+
+
+def train_delta(task: Task, weights: StateDict, client: Client, local: LocalSGD, loss: Loss) -> ClientUpdate:
+    """Load ``weights``, train locally with ``loss``, return ``{"delta.<name>": w_new - w}``."""
+    model = task.new_model(client.arch)
+    model.load_state_dict(weights)
+    stats = local_train(model, client.data, local, loss, client.generator())
+    delta = tree.sub(tree.state_of(model), weights)
+    return ClientUpdate(client.id, len(client.data), {DELTA + k: v for k, v in delta.items()}, stats)
+
+
+def deltas_of(updates: Sequence[ClientUpdate]) -> list[StateDict]:
+    return [{k[len(DELTA) :]: v for k, v in u.payload.items() if k.startswith(DELTA)} for u in updates]
+
+
+def check_delta(update: ClientUpdate, like: StateDict) -> None:
+    """Raise PayloadError unless the payload holds exactly the deltas of ``like``."""
+    delta = deltas_of([update])[0]
+    missing, extra = like.keys() - delta.keys(), delta.keys() - like.keys()
+    if missing or extra:
+        raise PayloadError(f"delta keys differ from the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    for k, v in like.items():
+        if delta[k].shape != v.shape or delta[k].dtype != v.dtype:
+            raise PayloadError(
+                f"delta {k!r} is {tuple(delta[k].shape)} {delta[k].dtype}, expected {tuple(v.shape)} {v.dtype}"
+            )
+
+
+def aggregate_deltas(updates: Sequence[ClientUpdate], aggregator: str = "mean") -> StateDict:
+    """Aggregate the clients' deltas with a rule from :mod:`kdfl.aggregation`, weighted
+    by ``num_examples``. Integer buffers (BN batch counters) take the maximum."""
+    deltas = deltas_of(updates)
+    w = torch.tensor([float(u.num_examples) for u in updates])
+    fkeys = [k for k, v in deltas[0].items() if v.is_floating_point()]
+    name, hyper = parse_spec(aggregator)
+    flat = aggregate_tensors(make_aggregator(name, **hyper), [tree.flatten(d, fkeys) for d in deltas], w)
+    out = tree.unflatten(flat, deltas[0], fkeys)
+    for k, v in deltas[0].items():
+        if not v.is_floating_point():
+            out[k] = torch.stack([d[k] for d in deltas]).max(0).values
+    return out
+
+
+def apply_delta(params: StateDict, delta: StateDict, lr: float = 1.0) -> StateDict:
+    """``params + lr * delta``; integer buffers are replaced by the delta's (new) values."""
+    return tree.add(params, delta, lr)
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """FedAvg, with an optional robust aggregation rule for the deltas.
+
+    Args:
+        local: local-training settings.
+        aggregator: rule for the deltas, e.g. "mean" (FedAvg), "median",
+            "trimmed_mean:beta=0.2", "krum:f=2" (see ``kdfl list aggregators``).
+    """
+
+    local: LocalSGD = field(default_factory=LocalSGD)
+    aggregator: str = "mean"
+
+    def __post_init__(self) -> None:
+        name, hyper = parse_spec(self.aggregator)
+        make_aggregator(name, **hyper)  # fail at config time, not in round 1
+
+    def init(self, task: Task) -> ServerState:
+        if len(set(task.client_archs) | {task.server_arch}) > 1:
+            raise KdflError(
+                f"{type(self).__name__} averages weights, so every client needs the server's architecture "
+                f"({task.server_arch}); got {sorted(set(task.client_archs))}. Use a distillation algorithm "
+                "(fedema_distill, feddf) for heterogeneous clients, or drop model.client_archs."
+            )
+        return ServerState(init_params(task))
+
+    def configure(self, task: Task, state: ServerState, client: Client) -> Payload:
+        return state.params
+
+    def loss(self, downlink: Payload) -> Loss:
+        return cross_entropy()
+
+    def client_update(self, task: Task, downlink: Payload, client: Client) -> ClientUpdate:
+        return train_delta(task, downlink, client, self.local, self.loss(downlink))
+
+    def validate(self, task: Task, state: ServerState, update: ClientUpdate) -> None:
+        check_delta(update, state.params)
+
+    def server_update(self, task: Task, state: ServerState, updates: Sequence[ClientUpdate]) -> ServerState:
+        delta = aggregate_deltas(updates, self.aggregator)
+        return ServerState(apply_delta(state.params, delta), state.round + 1, state.extra)

@@ -1,0 +1,142 @@
+"""The ``kdfl`` command: run, list, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from kdfl.types import KdflError
+
+log = logging.getLogger("kdfl")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kdfl import config, experiment
+
+    cfg = config.load(args.config, args.set or [])
+    out = Path(args.out) if args.out else None
+    rounds = cfg["run"]["rounds"]
+    bar = tqdm(total=rounds, desc="rounds", unit="round", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    sent = {"up": 0.0, "acc": float("nan")}
+
+    def on_round(rec: dict[str, Any]) -> None:
+        sent["up"] += rec["uplink_bytes"] / 1e6
+        sent["acc"] = rec.get("accuracy", sent["acc"])
+        bar.n = rec["round"]
+        bar.set_postfix(acc=f"{sent['acc']:.3f}", up_MB=f"{sent['up']:.2f}", refresh=False)
+        bar.refresh()
+
+    if args.resume and out is not None and (out / "checkpoint.pt").exists():
+        import torch
+
+        bar.n = torch.load(out / "checkpoint.pt", weights_only=False)["round"]
+    hist = experiment.run(cfg, out=out, resume=args.resume, on_round=on_round)
+    bar.close()
+    s = hist.summary
+    print(
+        f"final test accuracy {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f}, ECE {s['final_ece']:.4f}) "
+        f"after {s['rounds']} rounds; uplink {s['uplink_bytes_per_client_round'] / 1e6:.4f} MB and downlink "
+        f"{s['downlink_bytes_per_client_round'] / 1e6:.4f} MB per client per round; {s['wall_seconds']:.1f} s"
+    )
+    if s["target_accuracy"] is not None:
+        print(f"rounds to target accuracy {s['target_accuracy']}: {s['rounds_to_target'] or 'not reached'}")
+    if out is not None:
+        print(f"run directory: {out}")
+    if args.json:
+        print(json.dumps(s))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from kdfl.aggregation import AGGREGATORS
+    from kdfl.algorithms import ALGORITHMS
+    from kdfl.attacks import ATTACKS
+    from kdfl.compression import CODECS
+    from kdfl.data import DATASETS, PARTITIONS
+    from kdfl.models import describe
+
+    what = args.what
+    if what in ("all", "algorithms"):
+        print("algorithms:")
+        for name, cls in ALGORITHMS.items():
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            print(f"  {name:16s} {doc}")
+    if what in ("all", "datasets"):
+        print("datasets:")
+        for name, spec in DATASETS.items():
+            print(f"  {name:16s} {spec.description}")
+    if what in ("all", "partitions"):
+        print("partitions:")
+        for name in PARTITIONS:
+            print(f"  {name}")
+    if what in ("all", "models"):
+        shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else (1, 8, 8)
+        print(f"models (parameters for input {shape}, {args.classes} classes):")
+        for name, params, desc in describe(shape, args.classes):
+            print(f"  {name:12s} {params if params is not None else 'n/a':>10} {desc}")
+    if what in ("all", "aggregators"):
+        print("aggregators:", ", ".join(AGGREGATORS))
+    if what in ("all", "attacks"):
+        print("attacks:")
+        for name, spec in ATTACKS.items():
+            print(f"  {name:12s} [{spec.space}{', omniscient' if spec.omniscient else ''}] {spec.description}")
+    if what in ("all", "codecs"):
+        print("codecs:", ", ".join(CODECS))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from kdfl.report import report
+
+    out = report([Path(p) for p in args.runs], Path(args.out) if args.out else None)
+    print(f"wrote {', '.join(str(p) for p in out)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdfl", description="Federated learning with knowledge distillation.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run an experiment from a TOML config")
+    r.add_argument("config", nargs="?", help="config file (configs/*.toml); defaults apply to missing keys")
+    r.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    r.add_argument("--out", metavar="DIR", help="run directory: config, metrics.jsonl, summary.json, checkpoints")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    r.set_defaults(fn=_cmd_run)
+    ls = sub.add_parser("list", help="list algorithms, models, data sets, partitions, aggregators, attacks, codecs")
+    ls.add_argument("what", nargs="?", default="all",
+                    choices=["all", "algorithms", "models", "datasets", "partitions", "aggregators", "attacks", "codecs"])
+    ls.add_argument("--input-shape", help="input shape for model parameter counts, e.g. 3,32,32")
+    ls.add_argument("--classes", type=int, default=10)
+    ls.set_defaults(fn=_cmd_list)
+    rep = sub.add_parser("report", help="plots and a Markdown table for one or more run directories")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", metavar="DIR", help="where to write (default: the first run directory)")
+    rep.set_defaults(fn=_cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args))
+    except KdflError as e:
+        print(f"kdfl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdfl: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

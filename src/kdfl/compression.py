@@ -1,0 +1,354 @@
+"""Codecs for (rows, cols) tensors such as (N, C) proxy-set logits.
+
+A codec turns a float tensor into a payload (named tensors: everything that crosses the
+wire, scales and indices included) and back. Bytes are measured on the payload with
+:func:`kdfl.wire.nbytes`, never estimated. ``decode`` validates what it receives and
+raises :class:`~kdfl.types.PayloadError` naming the problem; ``encode`` raises
+:class:`~kdfl.types.KdflError` on input it cannot represent.
+
+Inputs are converted to float32 first; every error bound is with respect to that
+float32 tensor. Byte arithmetic per value (research dossier, section 2.6): fp32 4 B,
+fp16 2 B, int8 1 B + 4 B per row (scale), top-k ``k * (2 + index bytes)`` per row.
+
+Specs for :func:`make_codec`: ``"fp32"``, ``"fp16"``, ``"int8"``, ``"topk:3"`` (also
+``"topk:k=3,fill_gap=20"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from kdfl.aggregation import _is_int, _is_real, lookup
+from kdfl.spec import parse_spec
+from kdfl.types import KdflError, Payload, PayloadError
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Encode (rows, cols) float tensors to payloads and back."""
+
+    @property
+    def name(self) -> str:
+        """The spec that rebuilds this codec with :func:`make_codec`."""
+        ...
+
+    def encode(self, x: Tensor) -> Payload:
+        """``x``: (rows, cols) finite float -> named tensors (what crosses the wire)."""
+        ...
+
+    def decode(self, payload: Payload, shape: tuple[int, int] | None = None) -> Tensor:
+        """Payload -> float32 (rows, cols); checks it (and ``shape`` when given)."""
+        ...
+
+    def error_bound(self, x: Tensor) -> Tensor:
+        """(rows, cols): the max abs reconstruction error guaranteed per entry of ``x``."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------
+# input checks (encode) and payload checks (decode)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_input(x: Tensor, codec: str) -> Tensor:
+    """``x`` as float32 (rows, cols), or KdflError."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise KdflError(f"{codec}: expected a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 2:
+        raise KdflError(f"{codec}: expected a (rows, cols) tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise KdflError(f"{codec}: x has no columns (shape {tuple(x.shape)})")
+    x = x.detach().float()
+    if not bool(torch.isfinite(x).all()):
+        raise KdflError(f"{codec}: input has {int((~torch.isfinite(x)).sum())} non-finite values (NaN/inf)")
+    return x
+
+
+def _get(payload: Payload, key: str, codec: str, dtypes: tuple[torch.dtype, ...], ndim: int) -> Tensor:
+    """``payload[key]`` after checking presence, type, dtype and ndim (PayloadError otherwise)."""
+    if not isinstance(payload, Mapping):
+        raise PayloadError(f"{codec}: payload must be a dict of tensors, got {type(payload).__name__}")
+    if key not in payload:
+        raise PayloadError(f"{codec}: payload is missing key {key!r} (has {sorted(payload)})")
+    t = payload[key]
+    if not isinstance(t, Tensor):
+        raise PayloadError(f"{codec}: payload {key!r} is {type(t).__name__}, expected a tensor")
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dtypes)
+        raise PayloadError(f"{codec}: payload {key!r} has dtype {t.dtype}, expected {want}")
+    if t.dim() != ndim:
+        raise PayloadError(f"{codec}: payload {key!r} has shape {tuple(t.shape)}, expected {ndim} dimensions")
+    return t
+
+
+def _check_shape(codec: str, got: tuple[int, ...], expected: tuple[int, int] | None) -> None:
+    if expected is not None and tuple(got) != tuple(expected):
+        raise PayloadError(f"{codec}: payload decodes to shape {tuple(got)}, expected {tuple(expected)}")
+
+
+def _check_finite(codec: str, what: str, t: Tensor) -> None:
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise PayloadError(f"{codec}: {what} has {int(bad.sum())} non-finite values (NaN/inf)")
+
+
+def _to_fp16(x: Tensor, codec: str) -> Tensor:
+    """``x`` (float32) as float16, or KdflError when it overflows the fp16 range."""
+    h = x.half()
+    if not bool(torch.isfinite(h).all()):
+        big = float(x.abs().max())
+        raise KdflError(f"{codec}: |x| up to {big:.3g} overflows float16 (max 65504); use fp32 or int8")
+    return h
+
+
+def fp16_bound(x: Tensor) -> Tensor:
+    """Half an fp16 ulp at each entry of ``x``: the round-to-nearest error bound.
+
+    For |x| in [2^(e-1), 2^e) the fp16 spacing is 2^(e-11), so the bound is 2^(e-12);
+    below the smallest normal (2^-14) the spacing is 2^-24 and the bound 2^-25.
+    """
+    ax = x.detach().abs().double()
+    _, e = torch.frexp(ax)  # ax = m * 2^e, m in [0.5, 1)
+    b = torch.ldexp(torch.ones_like(ax), (e - 12).double())
+    return torch.where(ax < 2.0**-14, torch.full_like(ax, 2.0**-25), b).float()
+
+
+# ---------------------------------------------------------------------------------------
+# codecs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FP32:
+    """Raw float32 (4 B per value): the reference, exact. Payload ``{"values"}``."""
+
+    @property
+    def name(self) -> str:
+        return "fp32"
+
+    def encode(self, x: Tensor) -> Payload:
+        return {"values": _check_input(x, self.name).clone()}
+
+    def decode(self, payload: Payload, shape: tuple[int, int] | None = None) -> Tensor:
+        v = _get(payload, "values", self.name, (torch.float32,), 2)
+        _check_shape(self.name, tuple(v.shape), shape)
+        _check_finite(self.name, "values", v)
+        return v.clone()
+
+    def error_bound(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(_check_input(x, self.name))
+
+
+@dataclass(frozen=True)
+class FP16:
+    """IEEE half precision (2 B per value); |x| must stay below 65504. Payload ``{"values"}``.
+
+    Error bound: half an fp16 ulp per entry (relative ~2^-11), see :func:`fp16_bound`.
+    """
+
+    @property
+    def name(self) -> str:
+        return "fp16"
+
+    def encode(self, x: Tensor) -> Payload:
+        return {"values": _to_fp16(_check_input(x, self.name), self.name)}
+
+    def decode(self, payload: Payload, shape: tuple[int, int] | None = None) -> Tensor:
+        v = _get(payload, "values", self.name, (torch.float16,), 2)
+        _check_shape(self.name, tuple(v.shape), shape)
+        _check_finite(self.name, "values", v)
+        return v.float()
+
+    def error_bound(self, x: Tensor) -> Tensor:
+        return fp16_bound(_check_input(x, self.name))
+
+
+# |x/s - round(x/s)| <= 1/2 plus float32 rounding of the division and of q*s
+# (each <= 127 * 2^-24 in units of s): 2^-15 covers both with margin.
+_INT8_SLACK = 2.0**-15
+
+
+@dataclass(frozen=True)
+class Int8:
+    """Per-row symmetric int8 (1 B per value + a 4 B float32 scale per row).
+
+    ``scale_r = max_c |x_rc| / 127`` (rows of zeros get scale 1), ``q = round(x / scale)``
+    as int8 in [-127, 127]; decoding is ``q * scale_r``. Payload ``{"q": (rows, cols)
+    int8, "scale": (rows,) float32}``. Error bound: ``scale_r / 2`` per entry (plus
+    ``2^-15 scale_r`` for float32 rounding).
+    """
+
+    @property
+    def name(self) -> str:
+        return "int8"
+
+    @staticmethod
+    def _scale(x: Tensor) -> Tensor:
+        scale = x.abs().amax(dim=1) / 127  # (rows,)
+        return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+    def encode(self, x: Tensor) -> Payload:
+        x = _check_input(x, self.name)
+        scale = self._scale(x)  # (rows,)
+        q = (x / scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # (rows, cols)
+        return {"q": q, "scale": scale}
+
+    def decode(self, payload: Payload, shape: tuple[int, int] | None = None) -> Tensor:
+        q = _get(payload, "q", self.name, (torch.int8,), 2)
+        scale = _get(payload, "scale", self.name, (torch.float32,), 1)
+        if scale.shape[0] != q.shape[0]:
+            raise PayloadError(f"{self.name}: {scale.shape[0]} scales for {q.shape[0]} rows of q")
+        _check_shape(self.name, tuple(q.shape), shape)
+        bad = ~torch.isfinite(scale) | (scale <= 0)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            raise PayloadError(f"{self.name}: scales must be finite and > 0; row {r} has {float(scale[r])}")
+        if q.numel() and int(q.min()) < -127:
+            raise PayloadError(f"{self.name}: q holds -128; the symmetric code uses [-127, 127]")
+        out = q.float() * scale[:, None]  # (rows, cols)
+        _check_finite(self.name, "decoded result", out)
+        return out
+
+    def error_bound(self, x: Tensor) -> Tensor:
+        x = _check_input(x, self.name)
+        return (self._scale(x) * (0.5 + _INT8_SLACK))[:, None].expand_as(x).clone()
+
+
+def _index_dtype(cols: int) -> torch.dtype:
+    """Smallest signed/unsigned int dtype that holds column indices 0..cols-1."""
+    if cols <= 256:
+        return torch.uint8
+    if cols <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Per row, the ``k`` largest values (fp16) and their column indices.
+
+    Payload ``{"values": (rows, k) float16 (descending), "indices": (rows, k) uint8 when
+    cols <= 256, int16 when cols <= 32768, else int32, "cols": (1,) int32}``, so
+    ``k * (2 + index bytes)`` per row plus a few bytes.
+
+    Decoding fills every dropped entry of row r with ``min(kept values of r) - fill_gap``,
+    so a softmax stays well defined and the kept entries dominate.
+
+    What is guaranteed (and what :meth:`error_bound` reports): kept entries are within
+    the fp16 rounding bound of the input; dropped entries have *no* error bound (inf),
+    but each is strictly below every kept entry of its row; the row's argmax column is
+    kept, so its decoded value equals the decoded row maximum (argmax preserved, up to
+    ties created by fp16 rounding).
+
+    Args:
+        k: entries kept per row, 1 <= k <= cols (checked at encode time).
+        fill_gap: how far below the smallest kept value the dropped entries are put
+            (>= 0.01, so the gap survives float32 rounding of fp16-range values).
+    """
+
+    k: int
+    fill_gap: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.k) or self.k < 1:
+            raise KdflError(f"topk: k={self.k!r} is out of range; allowed: an integer >= 1 (and <= cols)")
+        if not _is_real(self.fill_gap) or self.fill_gap < 0.01:
+            raise KdflError(f"topk: fill_gap={self.fill_gap!r} is out of range; allowed: a finite number >= 0.01")
+
+    @property
+    def name(self) -> str:
+        return f"topk:{self.k}" if self.fill_gap == 10.0 else f"topk:k={self.k},fill_gap={self.fill_gap}"
+
+    def _select(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        cols = x.shape[1]
+        if self.k > cols:
+            raise KdflError(f"topk: k={self.k} exceeds the {cols} columns of x; use k in 1..{cols}")
+        vals, idx = x.topk(self.k, dim=1)  # (rows, k) each, descending
+        return vals, idx
+
+    def encode(self, x: Tensor) -> Payload:
+        x = _check_input(x, self.name)
+        vals, idx = self._select(x)
+        cols = x.shape[1]
+        return {
+            "values": _to_fp16(vals, self.name),
+            "indices": idx.to(_index_dtype(cols)),
+            "cols": torch.tensor([cols], dtype=torch.int32),
+        }
+
+    def decode(self, payload: Payload, shape: tuple[int, int] | None = None) -> Tensor:
+        vals = _get(payload, "values", self.name, (torch.float16,), 2)
+        idx = _get(payload, "indices", self.name, (torch.uint8, torch.int16, torch.int32), 2)
+        cols_t = _get(payload, "cols", self.name, (torch.int32,), 1)
+        if cols_t.shape != (1,):
+            raise PayloadError(f"{self.name}: payload 'cols' must hold one value, has shape {tuple(cols_t.shape)}")
+        cols = int(cols_t[0])
+        if idx.shape != vals.shape:
+            raise PayloadError(f"{self.name}: indices {tuple(idx.shape)} and values {tuple(vals.shape)} differ in shape")
+        rows, k = vals.shape
+        if not 1 <= k <= cols:
+            raise PayloadError(f"{self.name}: {k} kept values per row for {cols} columns; need 1 <= k <= cols")
+        _check_shape(self.name, (rows, cols), shape)
+        _check_finite(self.name, "values", vals)
+        idx = idx.long()  # (rows, k)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cols):
+            raise PayloadError(
+                f"{self.name}: column indices must lie in [0, {cols}), got [{int(idx.min())}, {int(idx.max())}]"
+            )
+        s = idx.sort(dim=1).values
+        dup = (s[:, 1:] == s[:, :-1]).any(dim=1)  # (rows,)
+        if bool(dup.any()):
+            raise PayloadError(f"{self.name}: duplicate column indices in row {int(dup.nonzero()[0, 0])}")
+        v = vals.float()  # (rows, k)
+        fill = v.min(dim=1).values - self.fill_gap  # (rows,)
+        out = fill[:, None].expand(rows, cols).clone()  # (rows, cols)
+        out.scatter_(1, idx, v)
+        _check_finite(self.name, "decoded result", out)
+        return out
+
+    def error_bound(self, x: Tensor) -> Tensor:
+        """fp16 rounding bound on the kept entries; inf on the dropped ones."""
+        x = _check_input(x, self.name)
+        vals, idx = self._select(x)
+        out = torch.full_like(x, float("inf"))
+        return out.scatter_(1, idx, fp16_bound(vals))
+
+
+CODECS: dict[str, type] = {"fp32": FP32, "fp16": FP16, "int8": Int8, "topk": TopK}
+
+
+def make_codec(spec: str) -> Codec:
+    """Build a codec from a spec string: ``"fp32"``, ``"fp16"``, ``"int8"``, ``"topk:3"``.
+
+    Parameters follow ``name:``, either bare (the first field, ``k`` for top-k) or as
+    ``key=value`` (``"topk:k=3,fill_gap=20"``).
+
+    Raises:
+        KdflError: unknown codec (with close matches), unknown or missing parameter, or a
+            value out of range.
+    """
+    name, params = parse_spec(spec)
+    cls = lookup("codec", name, CODECS)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if "_" in params:
+        if not fields:
+            raise KdflError(f"codec {name!r} takes no parameters, got {spec!r}")
+        if fields[0] in params:
+            raise KdflError(f"codec spec {spec!r} gives {fields[0]} twice")
+        params[fields[0]] = params.pop("_")
+    for key in params:
+        if key not in fields:
+            allowed = ", ".join(fields) if fields else "none"
+            raise KdflError(f"codec {name!r} has no parameter {key!r}; allowed: {allowed}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    missing = [r for r in required if r not in params]
+    if missing:
+        raise KdflError(f"codec {name!r} needs {', '.join(missing)}: write e.g. {name}:3 or {name}:{missing[0]}=3")
+    codec: Any = cls(**params)
+    return codec

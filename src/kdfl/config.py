@@ -1,0 +1,247 @@
+"""Experiment configs: TOML files of values, validated on load.
+
+Sections and their keys::
+
+    [run]        seed, rounds, clients_per_round, eval_every, target_accuracy, dropout,
+                 checkpoint_every, executor, device
+    [data]       name, data_dir, num_clients, proxy, proxy_size, val_size, + data set options
+    [partition]  name, + partition parameters (alpha, min_size, classes_per_client, ...)
+    [model]      arch, client_archs, assign
+    [local]      epochs, steps, batch_size, lr, momentum, weight_decay, optimizer
+    [algorithm]  name, + the algorithm's hyperparameters
+    [attack]     name, fraction, + the attack's parameters
+    [compression] uplink, downlink (codecs: fp32, fp16, int8, topk:K)
+
+An unknown key is an error that names the key and close matches; a wrong type or an
+out-of-range value names the allowed values. ``--set section.key=value`` overrides a
+value (parsed as a TOML value, falling back to a plain string).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from kdfl.simulation.engine import RunSettings
+from kdfl.train import LocalSGD
+from kdfl.types import KdflError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Config = dict[str, dict[str, Any]]
+
+DEFAULTS: Config = {
+    "run": {"seed": 0, "executor": "sequential", "device": "cpu"},
+    "data": {"name": "digits", "data_dir": "", "num_clients": 20, "proxy": "none", "proxy_size": 0, "val_size": 0},
+    "partition": {"name": "dirichlet", "alpha": 0.5},
+    "model": {"arch": "mlp", "client_archs": [], "assign": "round_robin"},
+    "local": {},
+    "algorithm": {"name": "fedavg"},
+    "attack": {"name": "none", "fraction": 0.0},
+    "compression": {"uplink": "fp32", "downlink": "fp32"},
+}
+_RUN_EXTRA = {"seed": int, "executor": str, "device": str}
+_DATA_FIXED = {"name": str, "data_dir": str, "num_clients": int, "proxy": str, "proxy_size": int, "val_size": int}
+_MODEL = {"arch": str, "client_archs": list, "assign": str}
+ATTACK_INPUTS = {"x", "malicious", "rng", "y", "num_classes"}  # supplied by the engine, not the config
+
+
+def _close(key: str, allowed: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _unknown_key(section: str, key: str, allowed: typing.Iterable[str]) -> KdflError:
+    allowed = sorted(allowed)
+    return KdflError(
+        f"unknown config key '{section}.{key}'.{_close(key, allowed)} Allowed keys in [{section}]: {', '.join(allowed)}."
+    )
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Is ``value`` (from TOML) acceptable for the annotation ``hint``?"""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check(section: str, key: str, value: Any, hint: Any) -> Any:
+    if not _type_ok(value, hint):
+        raise KdflError(
+            f"config key '{section}.{key}' must be {_hint_name(hint)}, got {value!r} ({type(value).__name__})"
+        )
+    if hint is float and isinstance(value, int):
+        return float(value)
+    if isinstance(value, list) and typing.get_origin(hint) is tuple:
+        return tuple(value)
+    return value
+
+
+def dataclass_hints(cls: type, skip: typing.Container[str] = ()) -> dict[str, Any]:
+    """Field name -> type annotation of a dataclass (hyperparameters of a component)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in skip and f.init}
+
+
+def function_hints(fn: Any, skip: typing.Container[str]) -> dict[str, Any]:
+    """Parameter name -> annotation (Any when missing) of a function's keyword options."""
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
+    return {
+        n: hints.get(n, Any)
+        for n, p in sig.parameters.items()
+        if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _validate_fixed(cfg: Config, section: str, schema: dict[str, Any]) -> None:
+    for key, value in list(cfg[section].items()):
+        if key not in schema:
+            raise _unknown_key(section, key, schema)
+        cfg[section][key] = _check(section, key, value, schema[key])
+
+
+def _named(cfg: Config, section: str, registry: typing.Mapping[str, Any], kind: str, fixed: dict[str, Any],
+           options_of: typing.Callable[[Any], dict[str, Any]]) -> None:
+    """Validate a section whose ``name`` picks a registry entry that defines the other keys."""
+    name = cfg[section].get("name")
+    if not isinstance(name, str) or name not in registry:
+        close = _close(str(name), registry)
+        raise KdflError(f"unknown {kind} '{section}.name = {name!r}'.{close} Available: {', '.join(sorted(registry))}.")
+    schema = {**fixed, **options_of(registry[name])}
+    for key, value in list(cfg[section].items()):
+        if key == "name":
+            continue
+        if key not in schema:
+            raise KdflError(
+                f"unknown config key '{section}.{key}' for {kind} {name!r}.{_close(key, schema)} "
+                f"Allowed keys: {', '.join(sorted(schema))}."
+            )
+        cfg[section][key] = _check(section, key, value, schema[key])
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Merge ``raw`` over the defaults and check every key, type and range."""
+    from kdfl.algorithms import ALGORITHMS
+    from kdfl.attacks import ATTACKS
+    from kdfl.data import DATASETS, PARTITIONS
+
+    for section, value in raw.items():
+        if section not in DEFAULTS:
+            raise KdflError(
+                f"unknown config section [{section}].{_close(section, DEFAULTS)} "
+                f"Sections: {', '.join('[' + s + ']' for s in DEFAULTS)}."
+            )
+        if not isinstance(value, dict):
+            raise KdflError(f"config [{section}] must be a table of keys, got {value!r}")
+    cfg: Config = copy.deepcopy(DEFAULTS)
+    for section, values in raw.items():
+        if section in ("partition", "algorithm", "attack") and "name" in values and values["name"] != cfg[section].get("name"):
+            cfg[section] = {"name": values["name"], **({"fraction": 0.0} if section == "attack" else {})}
+        cfg[section].update(values)
+
+    _validate_fixed(cfg, "run", {**dataclass_hints(RunSettings), **_RUN_EXTRA})
+    _validate_fixed(cfg, "local", dataclass_hints(LocalSGD))
+    _validate_fixed(cfg, "model", _MODEL)
+    _validate_fixed(cfg, "compression", {"uplink": str, "downlink": str})
+    from kdfl.transport import codec_of
+
+    for direction in ("uplink", "downlink"):
+        codec_of(cfg["compression"][direction])  # unknown codec -> error naming the choices
+    _named(cfg, "data", DATASETS, "data set", _DATA_FIXED, lambda spec: {k: Any for k in spec.options})
+    _named(cfg, "partition", {**PARTITIONS, "natural": None}, "partition", {},
+           lambda fn: {} if fn is None else function_hints(fn, {"labels", "num_clients", "rng"}))
+    _named(cfg, "algorithm", ALGORITHMS, "algorithm", {}, lambda cls: dataclass_hints(cls, {"local"}))
+    _named(cfg, "attack", {"none": None, **ATTACKS}, "attack", {"fraction": float},
+           lambda spec: {} if spec is None else function_hints(spec.fn, ATTACK_INPUTS))
+    if cfg["model"]["assign"] not in ("round_robin", "blocks"):
+        raise KdflError(f"model.assign must be 'round_robin' or 'blocks', got {cfg['model']['assign']!r}")
+    if cfg["data"]["num_clients"] < 1:
+        raise KdflError(f"data.num_clients must be >= 1, got {cfg['data']['num_clients']}")
+    if not 0 <= cfg["attack"]["fraction"] < 0.5:
+        raise KdflError(f"attack.fraction must be in [0, 0.5), got {cfg['attack']['fraction']}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"section.key=value"`` -> (section, key, value) with value parsed as TOML."""
+    path, eq, value = text.partition("=")
+    section, dot, key = path.strip().partition(".")
+    if not eq or not dot or not key:
+        raise KdflError(f"--set expects section.key=value (e.g. run.rounds=5), got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return section, key, parsed
+
+
+def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML config (or start from the defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise KdflError(f"config file {p} does not exist (see configs/ for examples)")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise KdflError(f"config file {p} is not valid TOML: {e}") from None
+    for item in overrides:
+        section, key, value = parse_override(item)
+        raw.setdefault(section, {})
+        if key == "name" and section in ("partition", "algorithm", "attack") and raw[section].get("name") != value:
+            raw[section] = {}  # switching component drops the old component's options
+        raw[section][key] = value
+    return validate(raw)
+
+
+def dumps(cfg: Config) -> str:
+    """The resolved config as TOML (written to the run directory)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if v is None:
+            return '""'
+        return repr(v)
+
+    lines = []
+    for section, values in cfg.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)

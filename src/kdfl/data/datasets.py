@@ -1,0 +1,495 @@
+"""Data sets as in-memory tensors: digits, mnist1d, synthetic, CIFAR-10/100, Fashion-MNIST.
+
+``load(name, **options)`` returns a :class:`DataBundle` whose ``train``/``test`` hold
+float32 inputs of shape ``(n, *input_shape)`` and int64 labels.
+
+- ``digits`` and ``mnist1d`` ship with installed packages (no network ever).
+- ``synthetic`` is the Synthetic(alpha, beta) generator of FedProx (Li et al., MLSys 2020),
+  with a natural per-device partition.
+- ``cifar10``, ``cifar100`` and ``fashion_mnist`` read the official archives from
+  ``data_dir`` (or ``$KDFL_DATA_DIR``, or ``~/.cache/kdfl``); a missing file is downloaded
+  when allowed, every file is checked against its MD5 before it is parsed, and a missing,
+  altered or corrupt file raises :class:`KdflError` saying which file and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import hashlib
+import importlib
+import io
+import logging
+import os
+import pickle
+import random
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from kdfl.types import KdflError, TensorData
+
+log = logging.getLogger(__name__)
+
+# filename -> md5 of the official archives; a module-level dict so tests can patch it.
+CHECKSUMS: dict[str, str] = {
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+URLS: dict[str, str] = {
+    "cifar-10-python.tar.gz": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar-100-python.tar.gz": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    **{
+        f: "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/" + f
+        for f in (
+            "train-images-idx3-ubyte.gz",
+            "train-labels-idx1-ubyte.gz",
+            "t10k-images-idx3-ubyte.gz",
+            "t10k-labels-idx1-ubyte.gz",
+        )
+    },
+}
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """A loaded data set.
+
+    Attributes:
+        name: registry name.
+        train: training pool, x (n, *input_shape) float32, y (n,) int64.
+        test: global test set.
+        num_classes: C.
+        input_shape: shape of one input, e.g. (1, 8, 8).
+        natural_partition: per-device indices into ``train`` when the data set has a
+            natural split (synthetic), else None.
+    """
+
+    name: str
+    train: TensorData
+    test: TensorData
+    num_classes: int
+    input_shape: tuple[int, ...]
+    natural_partition: list[np.ndarray] | None = None
+
+
+class DatasetSpec(NamedTuple):
+    """A registry entry: ``loader(root, download, **options)``, description, defaults."""
+
+    loader: Callable[..., DataBundle]
+    description: str
+    options: dict[str, Any]
+
+
+def cache_dir(data_dir: str | Path | None = None) -> Path:
+    """Where data files live: ``data_dir``, else ``$KDFL_DATA_DIR``, else ``~/.cache/kdfl``."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env = os.environ.get("KDFL_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "kdfl"
+
+
+def _bundle(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
+            num_classes: int, natural: list[np.ndarray] | None = None) -> DataBundle:
+    train = TensorData(torch.from_numpy(np.ascontiguousarray(xtr, dtype=np.float32)),
+                       torch.from_numpy(np.asarray(ytr, dtype=np.int64)))
+    test = TensorData(torch.from_numpy(np.ascontiguousarray(xte, dtype=np.float32)),
+                      torch.from_numpy(np.asarray(yte, dtype=np.int64)))
+    return DataBundle(name, train, test, num_classes, tuple(xtr.shape[1:]), natural)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _load_digits(root: Path, download: bool, test_fraction: float = 0.2) -> DataBundle:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise KdflError(f"digits: test_fraction must be in (0, 1), got {test_fraction}")
+    d = load_digits()
+    x = (d.data / 16.0).reshape(-1, 1, 8, 8)
+    # Fixed seed 0, not the run seed: every run and every seed sees the same test set.
+    xtr, xte, ytr, yte = train_test_split(
+        x, d.target, test_size=float(test_fraction), stratify=d.target, random_state=0
+    )
+    return _bundle("digits", xtr, ytr, xte, yte, 10)
+
+
+# -------------------------------------------------------------------------- mnist1d
+
+
+def _load_mnist1d(root: Path, download: bool, num_samples: int = 10000) -> DataBundle:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    num_samples = int(num_samples)
+    if num_samples < 10:
+        raise KdflError(f"mnist1d: num_samples must be >= 10 (one per class), got {num_samples}")
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    path = root / f"mnist1d_n{num_samples}_seed{args.seed}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+            log.debug("mnist1d: read cache %s", path)
+            return _mnist1d_bundle(arrays)
+        except (OSError, ValueError, KeyError, zlib.error) as e:
+            log.warning("mnist1d: ignoring unreadable cache %s (%s); regenerating", path, e)
+    # make_dataset reseeds Python's and numpy's global generators; put them back so
+    # loading data never changes anyone else's random stream.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # Write then rename so a concurrent or interrupted run never reads half a file.
+        with tempfile.NamedTemporaryFile(dir=root, suffix=".npz", delete=False) as f:
+            np.savez(f, **arrays)
+        os.replace(f.name, path)
+    except OSError as e:
+        log.warning("mnist1d: could not write cache %s (%s)", path, e)
+    return _mnist1d_bundle(arrays)
+
+
+def _mnist1d_bundle(a: dict[str, np.ndarray]) -> DataBundle:
+    return _bundle("mnist1d", a["x"].reshape(-1, 1, 40), a["y"], a["x_test"].reshape(-1, 1, 40),
+                   a["y_test"], 10)
+
+
+# ------------------------------------------------------------------------ synthetic
+
+
+def _load_synthetic(root: Path, download: bool, alpha: float = 1.0, beta: float = 1.0,
+                    num_devices: int = 30, num_features: int = 60, num_classes: int = 10,
+                    seed: int = 0, max_device_size: int = 1000) -> DataBundle:
+    """Synthetic(alpha, beta) of FedProx, following the authors' generator.
+
+    As in their code, ``alpha`` and ``beta`` are standard deviations (``np.random.normal``
+    scale) although the paper writes N(0, alpha). Device sizes are lognormal(4, 2) + 50,
+    capped at ``max_device_size`` to keep the data set small.
+    """
+    for key, val in (("alpha", alpha), ("beta", beta)):
+        if not float(val) >= 0.0:
+            raise KdflError(f"synthetic: {key} must be >= 0, got {val}")
+    for key, val, lo in (("num_devices", num_devices, 1), ("num_features", num_features, 1),
+                         ("num_classes", num_classes, 2), ("max_device_size", max_device_size, 50)):
+        if int(val) < lo:
+            raise KdflError(f"synthetic: {key} must be >= {lo}, got {val}")
+    rng = np.random.default_rng(int(seed))
+    k, d, c = int(num_devices), int(num_features), int(num_classes)
+    sizes = np.minimum(rng.lognormal(4, 2, k).astype(np.int64) + 50, int(max_device_size))
+    u = rng.normal(0.0, float(alpha), k)  # mean of W_k and b_k
+    big_b = rng.normal(0.0, float(beta), k)  # mean of v_k
+    sd = np.power(np.arange(1, d + 1, dtype=np.float64), -1.2) ** 0.5  # sqrt of diag(Sigma)
+    xtr, ytr, xte, yte, natural = [], [], [], [], []
+    offset = 0
+    for i in range(k):
+        v = rng.normal(big_b[i], 1.0, d)
+        w = rng.normal(u[i], 1.0, (d, c))
+        b = rng.normal(u[i], 1.0, c)
+        x = v + sd * rng.standard_normal((int(sizes[i]), d))  # (n_k, d), Sigma diagonal
+        y = np.argmax(x @ w + b, axis=1)  # argmax of softmax == argmax of the logits
+        n_tr = int(0.8 * len(x))
+        xtr.append(x[:n_tr])
+        ytr.append(y[:n_tr])
+        xte.append(x[n_tr:])
+        yte.append(y[n_tr:])
+        natural.append(np.arange(offset, offset + n_tr, dtype=np.int64))
+        offset += n_tr
+    return _bundle("synthetic", np.concatenate(xtr), np.concatenate(ytr), np.concatenate(xte),
+                   np.concatenate(yte), c, natural)
+
+
+# ------------------------------------------------------------- files on disk: common
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fix_hint(filename: str, root: Path) -> str:
+    return (f"download {filename} from {URLS.get(filename, '(its official site)')} and pass "
+            f"--data-dir {root}, or set KDFL_DATA_DIR")
+
+
+def _check_md5(dataset: str, path: Path, root: Path) -> None:
+    expected = CHECKSUMS.get(path.name)
+    if expected is None:
+        return
+    actual = _md5(path)
+    if actual != expected:
+        raise KdflError(
+            f"{dataset}: checksum mismatch for {path}: expected MD5 {expected}, got {actual}. "
+            f"The file is incomplete or altered: delete it and re-download ({_fix_hint(path.name, root)}); "
+            f"for a deliberately modified copy pass verify_checksum=False"
+        )
+
+
+def _download(url: str, dest: Path, dataset: str, root: Path, verify: bool) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    log.info("%s: downloading %s to %s", dataset, url, dest)
+    # Download to a temporary file and rename only after the checksum passes, so an
+    # interrupted download never leaves a half file under the real name.
+    fd, tmp_name = tempfile.mkstemp(dir=root, prefix=dest.name + ".", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                out.write(chunk)
+        if verify:
+            expected = CHECKSUMS.get(dest.name)
+            actual = _md5(tmp)
+            if expected is not None and actual != expected:
+                raise KdflError(
+                    f"{dataset}: downloaded {dest.name} has MD5 {actual}, expected {expected}; "
+                    f"{_fix_hint(dest.name, root)}"
+                )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _resolve(dataset: str, filenames: list[str], root: Path, download: bool, verify: bool) -> list[Path]:
+    """Find (or fetch) each file and check its MD5; raise a KdflError with the fix if not."""
+    paths = []
+    for name in filenames:
+        # Also accept torchvision's layout so an existing copy can be reused as is.
+        candidates = [root / name, root / dataset / name, root / "FashionMNIST" / "raw" / name]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            path = root / name
+            reason = "download=False"
+            if download:
+                try:
+                    _download(URLS[name], path, dataset, root, verify)
+                except KdflError:
+                    raise
+                except Exception as e:  # any network or disk failure gets the same fix
+                    reason = f"download failed: {type(e).__name__}: {e}"
+            if not path.is_file():
+                raise KdflError(
+                    f"{dataset}: file {name} not found in {root} ({reason}); expected files: "
+                    f"{', '.join(filenames)}. Fix: {_fix_hint(name, root)}"
+                )
+        elif verify:
+            _check_md5(dataset, path, root)
+        paths.append(path)
+    return paths
+
+
+def _corrupt(dataset: str, path: Path, err: BaseException | str) -> KdflError:
+    return KdflError(
+        f"{dataset}: {path} is corrupt or not in the expected format ({err}); "
+        f"delete it and re-download ({_fix_hint(path.name, path.parent)})"
+    )
+
+
+# ------------------------------------------------------------------------ CIFAR
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: an archive cannot run code."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if module.startswith("numpy") and name in ("_reconstruct", "scalar"):
+            # Archives pickled by numpy 1 name numpy.core, by numpy 2 numpy._core.
+            try:
+                multiarray = importlib.import_module("numpy._core.multiarray")
+            except ImportError:  # numpy < 2
+                multiarray = importlib.import_module("numpy.core.multiarray")
+            return getattr(multiarray, name)
+        return super().find_class(module, name)
+
+
+def _read_cifar(dataset: str, path: Path, members: dict[str, list[str]], label_key: bytes
+                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read ``{split: [member names]}`` from the tar.gz: x (n, 3, 32, 32) uint8, y (n,)."""
+    out = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for split, names in members.items():
+                xs, ys = [], []
+                for member in names:
+                    f = tar.extractfile(member)
+                    if f is None:
+                        raise KeyError(f"{member} is not a file")
+                    batch = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+                    data = np.asarray(batch[b"data"], dtype=np.uint8)
+                    labels = np.asarray(batch[label_key], dtype=np.int64)
+                    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+                        raise ValueError(f"{member}: data {data.shape}, {len(labels)} labels")
+                    xs.append(data.reshape(-1, 3, 32, 32))  # rows are R(1024) G(1024) B(1024)
+                    ys.append(labels)
+                out[split] = (np.concatenate(xs), np.concatenate(ys))
+    except (tarfile.TarError, EOFError, OSError, zlib.error, pickle.UnpicklingError,
+            KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise _corrupt(dataset, path, e) from e
+    return out
+
+
+def _channel_normalise(xtr: np.ndarray, xte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale uint8 to [0, 1], then standardise per channel with the train split's stats."""
+    axes = (0, *range(2, xtr.ndim))
+    xtr = xtr.astype(np.float32) / 255.0
+    xte = xte.astype(np.float32) / 255.0
+    mean = xtr.mean(axis=axes, dtype=np.float64).astype(np.float32).reshape(1, -1, *([1] * (xtr.ndim - 2)))
+    std = xtr.std(axis=axes, dtype=np.float64).astype(np.float32).reshape(mean.shape)
+    std = np.where(std > 0, std, 1.0).astype(np.float32)  # a constant channel stays finite
+    xtr -= mean
+    xtr /= std
+    xte -= mean
+    xte /= std
+    return xtr, xte
+
+
+def _load_cifar10(root: Path, download: bool, verify_checksum: bool = True) -> DataBundle:
+    (path,) = _resolve("cifar10", ["cifar-10-python.tar.gz"], root, download, verify_checksum)
+    d = _read_cifar("cifar10", path, {
+        "train": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)],
+        "test": ["cifar-10-batches-py/test_batch"],
+    }, b"labels")
+    (xtr, ytr), (xte, yte) = d["train"], d["test"]
+    _check_labels("cifar10", path, (ytr, yte), 10)
+    xtr, xte = _channel_normalise(xtr, xte)
+    return _bundle("cifar10", xtr, ytr, xte, yte, 10)
+
+
+def _load_cifar100(root: Path, download: bool, label_type: str = "fine",
+                   verify_checksum: bool = True) -> DataBundle:
+    if label_type not in ("fine", "coarse"):
+        raise KdflError(f"cifar100: label_type must be 'fine' or 'coarse', got {label_type!r}")
+    (path,) = _resolve("cifar100", ["cifar-100-python.tar.gz"], root, download, verify_checksum)
+    d = _read_cifar("cifar100", path, {"train": ["cifar-100-python/train"],
+                                       "test": ["cifar-100-python/test"]},
+                    b"fine_labels" if label_type == "fine" else b"coarse_labels")
+    (xtr, ytr), (xte, yte) = d["train"], d["test"]
+    num_classes = 100 if label_type == "fine" else 20
+    _check_labels("cifar100", path, (ytr, yte), num_classes)
+    xtr, xte = _channel_normalise(xtr, xte)
+    return _bundle("cifar100", xtr, ytr, xte, yte, num_classes)
+
+
+def _check_labels(dataset: str, path: Path, ys: tuple[np.ndarray, ...], num_classes: int) -> None:
+    for y in ys:
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise _corrupt(dataset, path, f"labels outside [0, {num_classes})")
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+
+def _read_idx(dataset: str, path: Path, magic: int, ndim: int) -> np.ndarray:
+    """Read a gzipped IDX file: big-endian magic, ``ndim`` u32 dims, then uint8 data."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise _corrupt(dataset, path, e) from e
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise _corrupt(dataset, path, f"{len(raw)} bytes, shorter than the IDX header")
+    got = int.from_bytes(raw[:4], "big")
+    if got != magic:
+        raise _corrupt(dataset, path, f"IDX magic {got}, expected {magic}")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    size = int(np.prod(dims))
+    if len(raw) - header != size:
+        raise _corrupt(dataset, path, f"header says {dims} = {size} bytes of data, found {len(raw) - header}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _load_fashion_mnist(root: Path, download: bool, verify_checksum: bool = True) -> DataBundle:
+    files = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    p = _resolve("fashion_mnist", files, root, download, verify_checksum)
+    xtr, ytr = _read_idx("fashion_mnist", p[0], 2051, 3), _read_idx("fashion_mnist", p[1], 2049, 1)
+    xte, yte = _read_idx("fashion_mnist", p[2], 2051, 3), _read_idx("fashion_mnist", p[3], 2049, 1)
+    for images, labels, ip, lp in ((xtr, ytr, p[0], p[1]), (xte, yte, p[2], p[3])):
+        if images.shape[1:] != (28, 28):
+            raise _corrupt("fashion_mnist", ip, f"images are {images.shape[1:]}, expected (28, 28)")
+        if len(images) != len(labels):
+            raise _corrupt("fashion_mnist", lp, f"{len(labels)} labels for {len(images)} images in {ip.name}")
+        _check_labels("fashion_mnist", lp, (labels.astype(np.int64),), 10)
+    xtr, xte = _channel_normalise(xtr[:, None], xte[:, None])  # one channel: (n, 1, 28, 28)
+    return _bundle("fashion_mnist", xtr, ytr.astype(np.int64), xte, yte.astype(np.int64), 10)
+
+
+# --------------------------------------------------------------------- registry
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(_load_digits, "sklearn 8x8 handwritten digits, fixed stratified split, (1, 8, 8)",
+                          {"test_fraction": 0.2}),
+    "mnist1d": DatasetSpec(_load_mnist1d, "MNIST-1D (Greydanus 2020), generated locally and cached, (1, 40)",
+                           {"num_samples": 10000}),
+    "synthetic": DatasetSpec(
+        _load_synthetic, "FedProx Synthetic(alpha, beta) with a natural per-device split, (60,)",
+        {"alpha": 1.0, "beta": 1.0, "num_devices": 30, "num_features": 60, "num_classes": 10,
+         "seed": 0, "max_device_size": 1000}),
+    "cifar10": DatasetSpec(_load_cifar10, "CIFAR-10 from cifar-10-python.tar.gz, (3, 32, 32)",
+                           {"verify_checksum": True}),
+    "cifar100": DatasetSpec(_load_cifar100, "CIFAR-100 from cifar-100-python.tar.gz, (3, 32, 32)",
+                            {"label_type": "fine", "verify_checksum": True}),
+    "fashion_mnist": DatasetSpec(_load_fashion_mnist, "Fashion-MNIST from the four IDX .gz files, (1, 28, 28)",
+                                 {"verify_checksum": True}),
+}
+
+
+def load(name: str, data_dir: str | Path | None = None, download: bool = True, **options: Any) -> DataBundle:
+    """Load a data set by registry name.
+
+    Args:
+        name: a key of :data:`DATASETS`.
+        data_dir: where files are read, downloaded and cached (see :func:`cache_dir`).
+        download: fetch a missing archive from its official URL.
+        **options: data-set options; see ``DATASETS[name].options`` for names and defaults.
+
+    Returns:
+        The :class:`DataBundle`.
+
+    Raises:
+        KdflError: unknown name or option, or a missing, altered or corrupt file.
+    """
+    spec = DATASETS.get(name)
+    if spec is None:
+        close = difflib.get_close_matches(name, list(DATASETS), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KdflError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}.{hint}")
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        allowed = ", ".join(f"{k}={v!r}" for k, v in spec.options.items()) or "none"
+        raise KdflError(f"unknown option {', '.join(map(repr, unknown))} for data set {name!r}; allowed: {allowed}")
+    return spec.loader(cache_dir(data_dir), download, **{**spec.options, **options})

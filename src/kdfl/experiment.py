@@ -1,0 +1,127 @@
+"""From a validated config to a running federation: data, partition, models, algorithm,
+threat model, executor, engine. The CLI, the benchmarks and the examples all go through
+:func:`run` so they share one code path."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdfl import config as config_mod
+from kdfl.config import Config
+from kdfl.train import LocalSGD
+from kdfl.types import KdflError, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Federation:
+    """Everything built from one config."""
+
+    cfg: Config
+    task: Task
+    partitions: list[np.ndarray]
+    algorithm: Any
+    label_counts: np.ndarray  # (clients, C)
+
+
+def assign_archs(num_clients: int, arch: str, archs: list[str], assign: str) -> list[str]:
+    """Client architectures: all ``arch`` when ``archs`` is empty; otherwise
+    ``round_robin`` (client i gets archs[i % k]) or ``blocks`` (k contiguous groups)."""
+    if not archs:
+        return [arch] * num_clients
+    if assign == "round_robin":
+        return [archs[i % len(archs)] for i in range(num_clients)]
+    return [archs[min(i * len(archs) // num_clients, len(archs) - 1)] for i in range(num_clients)]
+
+
+def build(cfg: Config) -> Federation:
+    """Build the task, partitions and algorithm described by ``cfg``."""
+    from kdfl import models
+    from kdfl.algorithms import ALGORITHMS
+    from kdfl.attacks import choose_malicious
+    from kdfl.data import label_counts, load, make_partition, make_splits
+
+    run, data, part = cfg["run"], cfg["data"], cfg["partition"]
+    seed = run["seed"]
+    data_dir = data["data_dir"] or None
+    options = {k: v for k, v in data.items() if k not in config_mod._DATA_FIXED}
+    bundle = load(data["name"], data_dir=data_dir, **options)
+    splits = make_splits(
+        bundle, proxy=data["proxy"], proxy_size=data["proxy_size"], val_size=data["val_size"], seed=seed,
+        data_dir=data_dir,
+    )
+    params = {k: v for k, v in part.items() if k != "name"}
+    labels = splits.train.y.numpy()
+    parts = make_partition(part["name"], labels, data["num_clients"], seed, natural=splits.natural_partition, **params)
+
+    mcfg = cfg["model"]
+    archs = assign_archs(data["num_clients"], mcfg["arch"], list(mcfg["client_archs"]), mcfg["assign"])
+    shape, classes = tuple(bundle.input_shape), bundle.num_classes
+    for a in sorted(set(archs) | {mcfg["arch"]}):
+        models.build(a, shape, classes)  # fail now, with the model's own message, not in round 1
+
+    malicious: frozenset[int] = frozenset()
+    if cfg["attack"]["name"] != "none" and cfg["attack"]["fraction"] > 0:
+        malicious = choose_malicious(data["num_clients"], cfg["attack"]["fraction"], seed)
+
+    device = torch.device(run["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdflError("run.device = 'cuda' but no CUDA device is available: use run.device = 'cpu'")
+    task = Task(
+        train=splits.train, test=splits.test, proxy=splits.proxy, val=splits.val,
+        num_classes=classes, input_shape=shape, server_arch=mcfg["arch"], client_archs=archs,
+        build_model=lambda a: models.build(a, shape, classes), seed=seed, device=device, malicious=malicious,
+    )
+    acfg = {k: v for k, v in cfg["algorithm"].items() if k != "name"}
+    algorithm = ALGORITHMS[cfg["algorithm"]["name"]](local=LocalSGD(**cfg["local"]), **acfg)
+    return Federation(cfg, task, parts, algorithm, label_counts(labels, parts, classes))
+
+
+def run(
+    cfg: Config,
+    out: str | Path | None = None,
+    resume: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> Any:
+    """Build and run the federation; write the run directory when ``out`` is given.
+
+    Returns the engine's :class:`~kdfl.simulation.engine.History`.
+    """
+    from kdfl.data import format_label_table
+    from kdfl.simulation.engine import Engine, RunSettings
+    from kdfl.simulation.executors import make_executor
+    from kdfl.threat import make_threat
+    from kdfl.transport import codec_of
+
+    fed = build(cfg)
+    run_dir = Path(out) if out is not None else None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and (run_dir / "config.toml").exists():
+            old = (run_dir / "config.toml").read_text()
+            if old != config_mod.dumps(cfg):
+                raise KdflError(f"cannot resume {run_dir}: the config differs from the one it was started with "
+                                f"({run_dir / 'config.toml'}); resume with the same config and --set values")
+        (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
+        (run_dir / "partition.txt").write_text(format_label_table(fed.label_counts) + "\n")
+        (run_dir / "malicious.json").write_text(json.dumps(sorted(fed.task.malicious)) + "\n")
+    settings_keys = {f for f in RunSettings.__dataclass_fields__}
+    settings = RunSettings(**{k: v for k, v in cfg["run"].items() if k in settings_keys})
+    engine = Engine(
+        fed.algorithm, fed.task, fed.partitions, settings,
+        executor=make_executor(cfg["run"]["executor"]),
+        threat=make_threat(cfg["attack"], fed.task.num_classes),
+        run_dir=run_dir, on_round=on_round,
+        uplink_codec=codec_of(cfg["compression"]["uplink"]),
+        downlink_codec=codec_of(cfg["compression"]["downlink"]),
+    )
+    return engine.run(resume=resume)

@@ -1,0 +1,78 @@
+"""A multi-layer perceptron for any input shape (the input is flattened)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from kdfl.types import KdflError
+
+
+def parse_hidden(hidden: int | str | Sequence[int]) -> tuple[int, ...]:
+    """Normalise a hidden-layer spec: ``128``, ``(128, 64)``, ``[128, 64]`` or ``"128-64"``.
+
+    ``0``, ``()`` or ``""`` mean no hidden layer (a linear classifier).
+
+    Raises:
+        KdflError: when a size is not a non-negative integer.
+    """
+    if isinstance(hidden, bool):
+        raise KdflError(f"mlp option 'hidden' must be an int or a list of ints; got {hidden!r}")
+    if isinstance(hidden, int):
+        sizes: list[object] = [hidden] if hidden > 0 else []
+    elif isinstance(hidden, str):
+        sizes = [s for s in hidden.replace("x", "-").split("-") if s.strip()]
+    else:
+        sizes = list(hidden)
+    out = []
+    for size in sizes:
+        try:
+            value = int(str(size).strip()) if not isinstance(size, int) else size
+        except ValueError:
+            value = -1
+        if isinstance(size, bool) or value <= 0:
+            raise KdflError(
+                f"mlp option 'hidden' must hold positive integers, e.g. hidden=128 or "
+                f"hidden=256-128; got {hidden!r}"
+            )
+        out.append(value)
+    return tuple(out)
+
+
+class MLP(nn.Module):
+    """Flatten -> (Linear -> ReLU) per hidden layer -> Linear(num_classes).
+
+    Args:
+        input_shape: shape of one input; anything, it is flattened.
+        num_classes: number of output logits C.
+        hidden: hidden layer sizes (an int, a sequence, or ``"256-128"``).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        hidden: int | str | Sequence[int] = (128,),
+    ) -> None:
+        super().__init__()
+        sizes = parse_hidden(hidden)
+        layers: list[nn.Module] = [nn.Flatten(start_dim=1)]
+        width = math.prod(input_shape)
+        for size in sizes:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, *input_shape) -> (B, C) logits."""
+        return self.net(x)
+
+
+def build_mlp(
+    input_shape: tuple[int, ...], num_classes: int, hidden: int | str | Sequence[int] = (128,)
+) -> MLP:
+    """Factory for the ``mlp`` registry entry."""
+    return MLP(input_shape, num_classes, hidden=hidden)

@@ -1,0 +1,1 @@
+"""The simulator: rounds, sampling, executors, evaluation, checkpoints."""

@@ -1,0 +1,69 @@
+"""Codecs applied to whole payloads, between an algorithm and the wire.
+
+An algorithm puts float tensors in its payload; the engine (or the Flower adapter)
+compresses every floating entry with the configured codec, so compression works for any
+algorithm: int8 logits for FedEMA-Distill, fp16 deltas for FedAvg. Entry ``name``
+becomes ``name@<part>`` entries (e.g. ``logits@q``, ``logits@scale``); tensors that are
+not 2-D are viewed as (shape[0], -1) (scalars and 1-D as one row; empty ones pass as they are) and carry their shape
+in ``name@shape`` (int32) so the receiver can restore it. ``fp32`` is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdfl.compression import Codec, make_codec
+from kdfl.types import Payload, PayloadError
+
+SEP = "@"
+
+
+def codec_of(spec: str | None) -> Codec | None:
+    """The codec for a spec string; None (no-op) for "" or "fp32"."""
+    return None if not spec or spec == "fp32" else make_codec(spec)
+
+
+def pack(payload: Payload, codec: Codec | None) -> Payload:
+    """Compress every floating entry of ``payload`` with ``codec``."""
+    if codec is None:
+        return payload
+    out: Payload = {}
+    for name, t in payload.items():
+        if SEP in name:
+            raise PayloadError(f"payload entry names may not contain {SEP!r}: {name!r}")
+        if not t.is_floating_point() or t.numel() == 0:
+            out[name] = t
+            continue
+        if t.dim() != 2:
+            out[name + SEP + "shape"] = torch.tensor(t.shape, dtype=torch.int32)
+        rows = t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)  # (rows, cols)
+        for part, v in codec.encode(rows.float()).items():
+            out[name + SEP + part] = v
+    return out
+
+
+def unpack(payload: Payload, codec: Codec | None) -> Payload:
+    """Inverse of :func:`pack`; raises PayloadError on anything malformed."""
+    if codec is None:
+        return payload
+    groups: dict[str, Payload] = {}
+    out: Payload = {}
+    for key, t in payload.items():
+        name, sep, part = key.partition(SEP)
+        if sep:
+            groups.setdefault(name, {})[part] = t
+        else:
+            out[key] = t
+    for name, parts in groups.items():
+        shape = parts.pop("shape", None)
+        x = codec.decode(parts)
+        if shape is not None:
+            dims = [int(d) for d in shape.tolist()]
+            numel = 1
+            for d in dims:
+                numel *= d
+            if shape.dtype != torch.int32 or shape.dim() != 1 or numel != x.numel() or min(dims, default=1) < 0:
+                raise PayloadError(f"entry {name!r}: shape {dims} does not match the {x.numel()} decoded values")
+            x = x.reshape(dims)
+        out[name] = x
+    return out
