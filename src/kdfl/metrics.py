@@ -33,7 +33,6 @@ def ece(logits: Tensor, y: Tensor, bins: int = 15) -> float:
     correct = (pred == y).double()
     # bin index b with conf in (b/bins, (b+1)/bins]; ceil(conf*bins)-1, conf==0 goes to bin 0
     idx = (torch.ceil(conf * bins).long() - 1).clamp(0, bins - 1)
-    total = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
     acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, correct)
     conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, conf)
     return float((acc_sum - conf_sum).abs().sum() / len(y))

@@ -32,7 +32,7 @@ def summary_table(runs: list[Path]) -> str:
     for run in runs:
         _, s = read_run(run)
 
-        def f(key: str, scale: float = 1.0, fmt: str = ".4f") -> str:
+        def f(key: str, scale: float = 1.0, fmt: str = ".4f", s: dict[str, Any] = s) -> str:
             v = s.get(key)
             return "-" if v is None else format(v / scale, fmt)
 

@@ -15,7 +15,7 @@ import torch
 
 from kdfl.attacks import ATTACKS, make_attack
 from kdfl.rng import generator
-from kdfl.types import Client, ClientUpdate, TensorData, Task
+from kdfl.types import Client, ClientUpdate, Task, TensorData
 
 
 @dataclasses.dataclass(frozen=True)

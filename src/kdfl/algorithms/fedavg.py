@@ -3,7 +3,7 @@
 McMahan, Moore, Ramage, Hampson, Agüera y Arcas. Communication-Efficient Learning of
 Deep Networks from Decentralized Data. AISTATS 2017. https://arxiv.org/abs/1602.05629
 
-The shared steps (``train_delta``, ``aggregate_deltas``, ``check_delta``) are used by
+The shared steps (``delta_update``, ``aggregate_deltas``, ``check_delta``) are used by
 FedProx, FedAvgM, FedDF and any other weight-sharing algorithm.
 """
 
@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from kdfl import tree
 from kdfl.aggregation import aggregate_tensors, make_aggregator
-from kdfl.spec import parse_spec
+from kdfl.algorithms.base import LocalJob, local_update
 from kdfl.losses import Loss, cross_entropy
-from kdfl.train import LocalSGD, local_train
+from kdfl.spec import parse_spec
+from kdfl.train import LocalSGD
 from kdfl.types import (
     Client,
     ClientUpdate,
@@ -38,11 +40,8 @@ def init_params(task: Task, arch: str | None = None) -> StateDict:
     return tree.state_of(task.new_model(arch))
 
 
-def train_delta(task: Task, weights: StateDict, client: Client, local: LocalSGD, loss: Loss) -> ClientUpdate:
-    """Load ``weights``, train locally with ``loss``, return ``{"delta.<name>": w_new - w}``."""
-    model = task.new_model(client.arch)
-    model.load_state_dict(weights)
-    stats = local_train(model, client.data, local, loss, client.generator())
+def delta_update(client: Client, weights: StateDict, model: nn.Module, stats: dict[str, float]) -> ClientUpdate:
+    """The update ``{"delta.<name>": w_trained - weights}`` of a trained model."""
     delta = tree.sub(tree.state_of(model), weights)
     return ClientUpdate(client.id, len(client.data), {DELTA + k: v for k, v in delta.items()}, stats)
 
@@ -116,8 +115,15 @@ class FedAvg:
     def loss(self, downlink: Payload) -> Loss:
         return cross_entropy()
 
+    def prepare(self, task: Task, downlink: Payload, client: Client) -> LocalJob:
+        return LocalJob(client.arch, downlink, self.loss(downlink), self.local)
+
+    def finish(self, task: Task, downlink: Payload, client: Client, model: nn.Module,
+               stats: dict[str, float]) -> ClientUpdate:
+        return delta_update(client, downlink, model, stats)
+
     def client_update(self, task: Task, downlink: Payload, client: Client) -> ClientUpdate:
-        return train_delta(task, downlink, client, self.local, self.loss(downlink))
+        return local_update(self, task, downlink, client)
 
     def validate(self, task: Task, state: ServerState, update: ClientUpdate) -> None:
         check_delta(update, state.params)
