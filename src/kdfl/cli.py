@@ -76,7 +76,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for name in PARTITIONS:
             print(f"  {name}")
     if what in ("all", "models"):
-        shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else (1, 8, 8)
+        try:
+            shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else (1, 8, 8)
+        except ValueError:
+            raise KdflError(f"--input-shape expects comma-separated integers such as 3,32,32, "
+                            f"got {args.input_shape!r}") from None
         print(f"models (parameters for input {shape}, {args.classes} classes):")
         for name, params, desc in describe(shape, args.classes):
             print(f"  {name:12s} {params if params is not None else 'n/a':>10} {desc}")
@@ -84,8 +88,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("aggregators:", ", ".join(AGGREGATORS))
     if what in ("all", "attacks"):
         print("attacks:")
-        for name, spec in ATTACKS.items():
-            print(f"  {name:12s} [{spec.space}{', omniscient' if spec.omniscient else ''}] {spec.description}")
+        for name, attack in ATTACKS.items():
+            print(f"  {name:12s} [{attack.space}{', omniscient' if attack.omniscient else ''}] {attack.description}")
     if what in ("all", "codecs"):
         print("codecs:", ", ".join(CODECS))
     return 0

@@ -3,7 +3,7 @@
 Sections and their keys::
 
     [run]        seed, rounds, clients_per_round, eval_every, target_accuracy, dropout,
-                 checkpoint_every, executor, device
+                 checkpoint_every, executor, device, threads (torch threads; 0 = torch's default)
     [data]       name, data_dir, num_clients, proxy, proxy_size, val_size, + data set options
     [partition]  name, + partition parameters (alpha, min_size, classes_per_client, ...)
     [model]      arch, client_archs, assign
@@ -41,7 +41,7 @@ else:  # pragma: no cover
 Config = dict[str, dict[str, Any]]
 
 DEFAULTS: Config = {
-    "run": {"seed": 0, "executor": "sequential", "device": "cpu"},
+    "run": {"seed": 0, "executor": "sequential", "device": "cpu", "threads": 0},
     "data": {"name": "digits", "data_dir": "", "num_clients": 20, "proxy": "none", "proxy_size": 0, "val_size": 0},
     "partition": {"name": "dirichlet", "alpha": 0.5},
     "model": {"arch": "mlp", "client_archs": [], "assign": "round_robin"},
@@ -50,7 +50,7 @@ DEFAULTS: Config = {
     "attack": {"name": "none", "fraction": 0.0},
     "compression": {"uplink": "fp32", "downlink": "fp32"},
 }
-_RUN_EXTRA = {"seed": int, "executor": str, "device": str}
+_RUN_EXTRA = {"seed": int, "executor": str, "device": str, "threads": int}
 _DATA_FIXED = {"name": str, "data_dir": str, "num_clients": int, "proxy": str, "proxy_size": int, "val_size": int}
 _MODEL = {"arch": str, "client_archs": list, "assign": str}
 ATTACK_INPUTS = {"x", "malicious", "rng", "y", "num_classes"}  # supplied by the engine, not the config
@@ -136,15 +136,17 @@ def _named(cfg: Config, section: str, registry: typing.Mapping[str, Any], kind: 
     name = cfg[section].get("name")
     if not isinstance(name, str) or name not in registry:
         close = _close(str(name), registry)
-        raise KdflError(f"unknown {kind} '{section}.name = {name!r}'.{close} Available: {', '.join(sorted(registry))}.")
+        raise KdflError(f"unknown {kind} {name!r} ({section}.name).{close} Available: {', '.join(sorted(registry))}.")
     schema = {**fixed, **options_of(registry[name])}
     for key, value in list(cfg[section].items()):
         if key == "name":
             continue
         if key not in schema:
+            owners = sorted(n for n, entry in registry.items() if n != name and key in options_of(entry))
+            where = f" ('{key}' is an option of {', '.join(owners)})" if owners else ""
             raise KdflError(
-                f"unknown config key '{section}.{key}' for {kind} {name!r}.{_close(key, schema)} "
-                f"Allowed keys: {', '.join(sorted(schema))}."
+                f"unknown config key '{section}.{key}' for {kind} {name!r}{where}.{_close(key, schema)} "
+                f"Allowed keys: {', '.join(sorted(schema)) or 'none'}."
             )
         cfg[section][key] = _check(section, key, value, schema[key])
 
@@ -170,7 +172,9 @@ def validate(raw: dict[str, Any]) -> Config:
         cfg[section].update(values)
 
     _validate_fixed(cfg, "run", {**dataclass_hints(RunSettings), **_RUN_EXTRA})
+    _check_run(cfg["run"])
     _validate_fixed(cfg, "local", dataclass_hints(LocalSGD))
+    local = LocalSGD(**cfg["local"])  # range errors (lr <= 0, ...) now, not after loading the data
     _validate_fixed(cfg, "model", _MODEL)
     _validate_fixed(cfg, "compression", {"uplink": str, "downlink": str})
     from kdfl.transport import codec_of
@@ -181,6 +185,11 @@ def validate(raw: dict[str, Any]) -> Config:
     _named(cfg, "partition", {**PARTITIONS, "natural": None}, "partition", {},
            lambda fn: {} if fn is None else function_hints(fn, {"labels", "num_clients", "rng"}))
     _named(cfg, "algorithm", ALGORITHMS, "algorithm", {}, lambda cls: dataclass_hints(cls, {"local"}))
+    # the algorithm checks its own hyperparameters' ranges (mu >= 0, momentum in [0, 1), ...)
+    try:
+        ALGORITHMS[cfg["algorithm"]["name"]](local=local, **{k: v for k, v in cfg["algorithm"].items() if k != "name"})
+    except TypeError as e:  # a hyperparameter without a default that the config does not give
+        raise KdflError(f"algorithm {cfg['algorithm']['name']!r}: {e}") from None
     _named(cfg, "attack", {"none": None, **ATTACKS}, "attack", {"fraction": float},
            lambda spec: {} if spec is None else function_hints(spec.fn, ATTACK_INPUTS))
     if cfg["model"]["assign"] not in ("round_robin", "blocks"):
@@ -190,6 +199,38 @@ def validate(raw: dict[str, Any]) -> Config:
     if not 0 <= cfg["attack"]["fraction"] < 0.5:
         raise KdflError(f"attack.fraction must be in [0, 0.5), got {cfg['attack']['fraction']}")
     return cfg
+
+
+_RUN_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "rounds": (lambda v: v >= 1, "an integer >= 1"),
+    "clients_per_round": (lambda v: v >= 0, "an integer >= 0 (0 = all clients)"),
+    "eval_every": (lambda v: v >= 1, "an integer >= 1"),
+    "checkpoint_every": (lambda v: v >= 0, "an integer >= 0 (0 = never)"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "target_accuracy": (lambda v: v is None or 0 <= v <= 1, "in [0, 1]"),
+}
+
+
+def _check_run(run: dict[str, Any]) -> None:
+    """Ranges of the [run] keys, the executor name and the device string."""
+    for key, (ok, allowed) in _RUN_RANGES.items():
+        if key in run and not ok(run[key]):
+            raise KdflError(f"run.{key} must be {allowed}, got {run[key]!r}")
+    from kdfl.simulation.executors import EXECUTORS
+
+    if run["executor"] not in EXECUTORS:
+        raise KdflError(
+            f"unknown run.executor {run['executor']!r}.{_close(run['executor'], EXECUTORS)} "
+            f"Available: {', '.join(sorted(EXECUTORS))}."
+        )
+    import torch
+
+    try:
+        torch.device(run["device"])
+    except (RuntimeError, ValueError):
+        raise KdflError(f"run.device {run['device']!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    RunSettings(**{k: v for k, v in run.items() if k in RunSettings.__dataclass_fields__})
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

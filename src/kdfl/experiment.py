@@ -4,6 +4,7 @@ threat model, executor, engine. The CLI, the benchmarks and the examples all go 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -79,11 +80,47 @@ def build(cfg: Config) -> Federation:
     task = Task(
         train=splits.train, test=splits.test, proxy=splits.proxy, val=splits.val,
         num_classes=classes, input_shape=shape, server_arch=mcfg["arch"], client_archs=archs,
-        build_model=lambda a: models.build(a, shape, classes), seed=seed, device=device, malicious=malicious,
+        build_model=functools.partial(models.build, input_shape=shape, num_classes=classes),
+        seed=seed, device=device, malicious=malicious,
     )
     acfg = {k: v for k, v in cfg["algorithm"].items() if k != "name"}
     algorithm = ALGORITHMS[cfg["algorithm"]["name"]](local=LocalSGD(**cfg["local"]), **acfg)
     return Federation(cfg, task, parts, algorithm, label_counts(labels, parts, classes))
+
+
+RESUMABLE_CHANGES = {("run", "rounds")}  # what a resume may change: extending (or ending) a run early
+
+
+def _check_resume(run_dir: Path, cfg: Config) -> None:
+    """Refuse to resume ``run_dir`` with a config that differs from the one it was started
+    with, except for ``run.rounds`` (extending a run is a normal need; every stream derives
+    from (seed, round, client), so 2 rounds + resume to 4 equals 4 rounds straight)."""
+    from kdfl.simulation import checkpoint
+
+    path = run_dir / "config.toml"
+    try:
+        old = config_mod.load(path)
+    except KdflError as e:
+        raise KdflError(f"cannot resume {run_dir}: its {path.name} no longer loads ({e})") from None
+    diffs = []
+    for section in sorted(set(old) | set(cfg)):
+        a, b = old.get(section, {}), cfg.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if (section, key) not in RESUMABLE_CHANGES and a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    if diffs:
+        raise KdflError(
+            f"cannot resume {run_dir}: the config differs from the one it was started with ({path}): "
+            f"{'; '.join(diffs)}. Only run.rounds may change on resume; resume with the same config and "
+            "--set values, or start a new run directory"
+        )
+    if (run_dir / checkpoint.FILE).exists():
+        done = checkpoint.load(run_dir)["round"]
+        if cfg["run"]["rounds"] < done:
+            raise KdflError(
+                f"cannot resume {run_dir} with run.rounds={cfg['run']['rounds']}: its checkpoint is already "
+                f"at round {done}; set run.rounds >= {done}"
+            )
 
 
 def run(
@@ -102,15 +139,17 @@ def run(
     from kdfl.threat import make_threat
     from kdfl.transport import codec_of
 
+    if cfg["run"]["threads"] < 0:
+        raise KdflError(f"run.threads must be >= 0 (0 = torch's default), got {cfg['run']['threads']}")
+    if cfg["run"]["threads"]:
+        # one thread avoids oversubscription collapse when other processes share the cores
+        torch.set_num_threads(cfg["run"]["threads"])
     fed = build(cfg)
     run_dir = Path(out) if out is not None else None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume and (run_dir / "config.toml").exists():
-            old = (run_dir / "config.toml").read_text()
-            if old != config_mod.dumps(cfg):
-                raise KdflError(f"cannot resume {run_dir}: the config differs from the one it was started with "
-                                f"({run_dir / 'config.toml'}); resume with the same config and --set values")
+            _check_resume(run_dir, cfg)
         (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
         (run_dir / "partition.txt").write_text(format_label_table(fed.label_counts) + "\n")
         (run_dir / "malicious.json").write_text(json.dumps(sorted(fed.task.malicious)) + "\n")

@@ -48,6 +48,7 @@ def summary_table(runs: list[Path]) -> str:
 
 def report(runs: list[Path], out: Path | None = None) -> list[Path]:
     """Write accuracy-vs-round and accuracy-vs-uplink plots and ``summary.md``."""
+    data = {run: read_run(run)[0] for run in runs}  # every run is checked before anything is written
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +59,7 @@ def report(runs: list[Path], out: Path | None = None) -> list[Path]:
     fig1, ax1 = plt.subplots(figsize=(6, 4))
     fig2, ax2 = plt.subplots(figsize=(6, 4))
     for run in runs:
-        records, _ = read_run(run)
+        records = data[run]
         cum, xs, rs, accs = 0.0, [], [], []
         for r in records:
             cum += r["uplink_bytes"] / 1e6

@@ -120,3 +120,20 @@ def test_learns_on_blobs_homogeneous_and_heterogeneous():
                   RunSettings(rounds=3)).run()
     assert hist.summary["final_accuracy"] > 0.9
     assert hist.records[-1]["downlink_bytes"] < 100  # nothing model-sized went down
+
+
+def test_class_weighted_median_by_hand():
+    from kdfl.algorithms.fedema_distill import class_shares, class_weighted_median
+
+    # 4 clients, 1 sample, 2 classes. Column 0 values 1, 2, 3, 10; column 1 values 4, 3, 2, 1.
+    x = torch.tensor([[[1.0, 4.0]], [[2.0, 3.0]], [[3.0, 2.0]], [[10.0, 1.0]]])
+    counts = torch.tensor([[0, 10], [0, 10], [5, 5], [30, 0]])
+    shares = class_shares(counts)  # class-0 shares 0, 0, .5, 1; class-1 shares 1, 1, .5, 0
+    # column 0: sorted 1(0), 2(0), 3(.5), 10(1): half of 1.5 reached at 10
+    # column 1: sorted 1(0), 2(.5), 3(1), 4(1): half of 2.5 reached at 3
+    torch.testing.assert_close(class_weighted_median(x, shares), torch.tensor([[10.0, 3.0]]), atol=1e-4, rtol=0)
+
+
+def test_class_weighting_needs_mean_or_median():
+    with pytest.raises(KdflError, match="class_weighting"):
+        FedEMADistill(class_weighting=True, aggregator="krum:f=1")

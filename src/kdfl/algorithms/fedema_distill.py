@@ -75,13 +75,32 @@ def to_probs(agg: Tensor, space: str, temperature: float) -> Tensor:
     return torch.softmax(agg / temperature, -1)
 
 
-def class_weighted_mean(x: Tensor, counts: Tensor) -> Tensor:
-    """Per-class weighted mean: column c of client k weighs n_{k,c} (FedAD-style).
+def class_shares(counts: Tensor) -> Tensor:
+    """Each client's label distribution (K, C): counts normalised per client, so a client's
+    total weight over all classes is 1 whatever it claims (bounded influence)."""
+    c = counts.double().clamp_min(0)
+    return c / c.sum(-1, keepdim=True).clamp_min(1.0)
 
-    x: (K, n, C), counts: (K, C) -> (n, C).
-    """
-    w = counts.float() + 1e-3  # a class nobody holds falls back to a uniform mean
+
+def class_weighted_mean(x: Tensor, shares: Tensor) -> Tensor:
+    """Per-class weighted mean: column c of client k weighs its share of class c
+    (FedAD-style class-count weighting). x: (K, n, C), shares: (K, C) -> (n, C)."""
+    w = (shares + 1e-6).to(x.dtype)  # a class nobody holds falls back to a uniform mean
     return (x * w[:, None, :]).sum(0) / w.sum(0)[None, :]
+
+
+def class_weighted_median(x: Tensor, shares: Tensor) -> Tensor:
+    """Per-class weighted median: for column c, the value where the cumulative weight of
+    the sorted clients (weights = their share of class c) first reaches half.
+
+    Under label skew only a few clients know class c; an unweighted median lets the
+    majority that never saw c outvote them. x: (K, n, C), shares: (K, C) -> (n, C).
+    """
+    w = (shares + 1e-6).to(x.dtype)[:, None, :].expand_as(x)  # (K, n, C)
+    xs, order = x.sort(0)
+    cw = w.gather(0, order).cumsum(0)  # (K, n, C)
+    k = (cw < 0.5 * cw[-1:]).sum(0, keepdim=True).clamp_max(x.shape[0] - 1)  # first index reaching half
+    return xs.gather(0, k).squeeze(0)
 
 
 @dataclass(frozen=True)
@@ -95,8 +114,8 @@ class FedEMADistill:
         proxy_subset: proxy samples per round (0 = the whole proxy every round).
         space: aggregation space: "logits", "centered", "standardized", "logprobs", "probs".
         aggregator: coordinate-wise rule, e.g. "median", "trimmed_mean:beta=0.2", "mean".
-        class_weighting: weight each client's column c by its count of class c (uploads C
-            label counts; used with the "mean" aggregator only).
+        class_weighting: weight each client's column c by its share of class c (clients
+            upload their C label counts); supported with the "mean" and "median" rules.
         clip: clip uploaded logits to [-clip, clip] before aggregation (0 = off).
         temperature: T for the teacher and the student.
         teacher_ema: γ, smoothing of the teacher over rounds (0 = off; needs a fixed proxy).
@@ -141,6 +160,8 @@ class FedEMADistill:
             raise KdflError("algorithm.clip, proxy_subset and ema_teacher_weight must be >= 0")
         name, hyper = parse_spec(self.aggregator)
         make_aggregator(name, **hyper)
+        if self.class_weighting and name not in ("mean", "median"):
+            raise KdflError(f"algorithm.class_weighting works with the 'mean' and 'median' aggregators, not {name!r}")
         self.settings()
 
     def settings(self) -> DistillSettings:
@@ -218,8 +239,9 @@ class FedEMADistill:
             z = z.clamp(-self.clip, self.clip)
         x = to_space(z, self.space, self.temperature)
         name, hyper = parse_spec(self.aggregator)
-        if self.class_weighting and name == "mean":
-            agg = class_weighted_mean(x, torch.stack([u.payload["label_counts"] for u in updates]))
+        if self.class_weighting:
+            shares = class_shares(torch.stack([u.payload["label_counts"] for u in updates]))
+            agg = (class_weighted_mean if name == "mean" else class_weighted_median)(x, shares)
         else:
             w = torch.tensor([float(u.num_examples) for u in updates])
             agg = aggregate_tensors(make_aggregator(name, **hyper), list(x), w)

@@ -57,6 +57,25 @@ class Sequential:
 EXECUTORS: dict[str, type] = {"sequential": Sequential}
 
 
+def _lazy(module: str, cls: str) -> type:
+    """A registry entry imported on first use (the fast executors import this module)."""
+
+    def make(*args: object, **kwargs: object) -> Executor:
+        import importlib
+
+        return getattr(importlib.import_module(module), cls)(*args, **kwargs)
+
+    make.__name__ = make.__qualname__ = cls
+    return make  # type: ignore[return-value]
+
+
+EXECUTORS.update({
+    "vectorized": _lazy("kdfl.simulation.vectorized", "Vectorized"),  # torch.func vmap over stacked clients
+    "parallel": _lazy("kdfl.simulation.parallel", "Parallel"),  # a pool of single-threaded processes
+    "auto": _lazy("kdfl.simulation.auto", "Auto"),  # picks per model and device
+})
+
+
 def make_executor(name: str) -> Executor:
     from kdfl.spec import unknown
 

@@ -1,0 +1,73 @@
+"""Shared helpers for the benchmark scripts: run many configs in worker processes and
+summarise them over seeds. Every number printed comes from ``kdfl.experiment.run``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+Job = tuple[str, str, int, list[str]]  # (dataset label, method label, seed, overrides)
+
+
+def _run(job: Job) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)  # two single-threaded workers beat one two-threaded process here
+    from kdfl import config, experiment
+
+    data, method, seed, overrides = job
+    cfg = config.load(None, [*overrides, f"run.seed={seed}"])
+    t0 = time.perf_counter()
+    hist = experiment.run(cfg)
+    evals = [r for r in hist.records if "accuracy" in r]
+    return {
+        "data": data, "method": method, "seed": seed, "summary": hist.summary,
+        "curve": [(r["round"], r["accuracy"]) for r in evals], "seconds": time.perf_counter() - t0,
+    }
+
+
+def run_jobs(jobs: Sequence[Job], workers: int, log_path: Path | None = None) -> list[dict[str, Any]]:
+    """Run every job (in ``workers`` processes); results in job order, also appended as
+    JSON lines to ``log_path`` as they finish."""
+    results: list[dict[str, Any]] = []
+    ctx = None
+    if workers > 1:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx) if workers > 1 else None
+    it = pool.map(_run, jobs) if pool is not None else map(_run, jobs)
+    for res in it:
+        results.append(res)
+        print(f"  done {res['data']:8s} {res['method']:28s} seed {res['seed']}: final "
+              f"{res['summary']['final_accuracy']:.4f} in {res['seconds']:.0f} s", file=sys.stderr, flush=True)
+        if log_path is not None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(res) + "\n")
+    if pool is not None:
+        pool.shutdown()
+    return results
+
+
+def first_round_reaching(curve: Sequence[tuple[int, float]], target: float) -> int | None:
+    return next((r for r, a in curve if a >= target), None)
+
+
+def mean_std(xs: Sequence[float]) -> str:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.4f} ± {sd:.4f}"
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])

@@ -1,0 +1,134 @@
+"""The ``auto`` executor: picks how to run each round's clients from a rule backed by
+``benchmarks/speed.py`` and a measurement on the run's own rounds.
+
+In-process, per architecture (a mixed-architecture round is split by architecture):
+
+- on a GPU, and on a CPU for models without 2-D convolutions or whose 2-D inputs are
+  small (at most 16x16), the clients are **vectorized**. Measured with one thread on 2
+  shared cores (benchmarks/speed.py): 1.9-2.5x a plain PyTorch loop for the digits MLP,
+  the digits 8x8 CNN and the mnist1d 1-D CNN at K = 10-50 clients;
+- 2-D CNNs on larger images run **sequentially**: batched (grouped) 2-D convolutions on
+  28x28 inputs are slower on a CPU than one convolution per client (0.3-0.9x,
+  research/env.md section 3).
+
+Across processes: a pool of single-threaded workers only pays when cores are idle, and
+it costs seconds to start. So ``auto`` runs the first round in-process and measures its
+throughput (examples per second); when the machine has idle cores (1-minute load
+average below ``cores - 0.5``) and the round took long enough for a pool to matter
+(``min_round_s``), the next round tries the pool (each worker making the in-process
+choice above for its shard), and ``auto`` keeps whichever was faster for the rest of the
+run. On a busy machine it stays in-process (on the shared 2-core machine of the
+benchmark, a 2-worker pool ran at 0.35-0.98x of the plain loop).
+
+Results equal the sequential executor within the vectorized executor's tolerance
+(bit-identical for clients that run sequentially).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+from torch import nn
+
+from kdfl.simulation.executors import Job, Result, run_one
+from kdfl.simulation.parallel import Parallel
+from kdfl.simulation.vectorized import Vectorized
+from kdfl.types import Algorithm, Task
+
+log = logging.getLogger(__name__)
+
+
+def prefers_vectorized(model: nn.Module, device_type: str, input_shape: tuple[int, ...] = ()) -> bool:
+    """The rule: vectorize unless 2-D/3-D convolutions on inputs over 16x16 would run batched on a CPU."""
+    if device_type != "cpu":
+        return True
+    convs = any(isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)) for m in model.modules())
+    small = len(input_shape) == 3 and input_shape[1] * input_shape[2] <= 16 * 16
+    return not convs or small
+
+
+class AutoLocal:
+    """In-process part of ``auto``: vectorized or sequential, per architecture."""
+
+    name = "auto-local"
+
+    def __init__(self) -> None:
+        self.vectorized = Vectorized()
+        self._choice: dict[tuple[str, str], bool] = {}
+
+    def choose(self, task: Task, arch: str) -> bool:
+        key = (arch, task.device.type)
+        if key not in self._choice:
+            try:
+                self._choice[key] = prefers_vectorized(task.new_model(arch), task.device.type, tuple(task.input_shape))
+            except Exception:  # the client will fail (or not) on its own in run_one
+                self._choice[key] = False
+            log.debug("auto: %s on %s -> %s", arch, task.device.type,
+                      "vectorized" if self._choice[key] else "sequential")
+        return self._choice[key]
+
+    def run(self, algorithm: Algorithm, task: Task, jobs: Sequence[Job]) -> list[Result]:
+        vec = [i for i, (c, _) in enumerate(jobs) if self.choose(task, c.arch)]
+        results: list[Result | None] = [None] * len(jobs)
+        if vec:
+            for i, r in zip(vec, self.vectorized.run(algorithm, task, [jobs[i] for i in vec]), strict=True):
+                results[i] = r
+        for i, (c, d) in enumerate(jobs):
+            if results[i] is None:
+                results[i] = run_one(algorithm, task, c, d)
+        return results  # type: ignore[return-value]
+
+
+class Auto:
+    """Chooses the fastest way to run each round (see the module docstring).
+
+    Args:
+        workers: worker processes for the pool (0 = the number of CPU cores; 1 = never a pool).
+        min_round_s: an in-process round shorter than this never tries the pool.
+    """
+
+    name = "auto"
+
+    def __init__(self, workers: int = 0, min_round_s: float = 0.5) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self.min_round_s = min_round_s
+        self.local = AutoLocal()
+        self.parallel = Parallel(self.workers, inner="auto-local") if self.workers > 1 else None
+        self.mode: dict[tuple, str] = {}  # (architectures, device) -> "local" | "try" | "parallel"
+        self._rate: dict[tuple, float] = {}
+
+    def _idle_cores(self) -> bool:
+        try:
+            return os.getloadavg()[0] < (os.cpu_count() or 1) - 0.5
+        except OSError:
+            return False
+
+    def run(self, algorithm: Algorithm, task: Task, jobs: Sequence[Job]) -> list[Result]:
+        key = (tuple(sorted({c.arch for c, _ in jobs})), task.device.type)
+        mode = self.mode.get(key)
+        work = sum(len(c.data) for c, _ in jobs) + 1
+        if mode in ("try", "parallel") and self.parallel is not None and self.parallel.start(task):
+            t = time.perf_counter()
+            results = self.parallel.run(algorithm, task, jobs)
+            if mode == "try":
+                rate = work / (time.perf_counter() - t)
+                local = self._rate.get(key, 0.0)
+                self.mode[key] = "parallel" if rate > 1.1 * local else "local"
+                log.info("auto: pool %.0f vs in-process %.0f examples/s -> %s", rate, local, self.mode[key])
+            return results
+        t = time.perf_counter()
+        results = self.local.run(algorithm, task, jobs)
+        took = time.perf_counter() - t
+        if mode is None or mode == "try":
+            self._rate[key] = work / took
+            can_pool = (self.parallel is not None and task.device.type == "cpu" and len(jobs) >= 2 * self.workers
+                        and took >= self.min_round_s and self._idle_cores())
+            self.mode[key] = "try" if can_pool and mode is None else "local"
+        return results
+
+    def close(self) -> None:
+        if self.parallel is not None:
+            self.parallel.close()

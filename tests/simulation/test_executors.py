@@ -1,0 +1,255 @@
+"""Fast executors against the sequential reference.
+
+Tolerances: ``vectorized`` (and ``auto``, which may vectorize) must equal ``sequential``
+within ``atol=1e-5`` on every payload tensor and on ``train_loss`` after the local
+epochs below (observed: ~1e-7); ``parallel`` must be bit-identical (``torch.equal``) to
+``sequential`` run with the same torch thread count (1 here: intra-op threading changes
+the order of float sums, in any executor).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pytest
+import torch
+from helpers import blob_task
+
+from kdfl import models
+from kdfl.algorithms import FedAvg, FedEMADistill, FedProx
+from kdfl.algorithms.base import local_update
+from kdfl.algorithms.fedavg import init_params
+from kdfl.losses import cross_entropy
+from kdfl.rng import derive
+from kdfl.simulation.auto import prefers_vectorized
+from kdfl.simulation.executors import EXECUTORS, ClientFailure, Sequential, make_executor
+from kdfl.simulation.parallel import Parallel, dumps, loads
+from kdfl.simulation.vectorized import Vectorized
+from kdfl.train import LocalSGD
+from kdfl.types import Client, ClientUpdate, ServerState, Task, TensorData
+
+ATOL = 1e-5
+SIZES = [7, 13, 20, 3, 16, 16, 1, 0, 9]  # unequal, ragged last batches, one empty client
+LOCAL = LocalSGD(epochs=2, batch_size=5, lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_task(archs: list[str], sizes: list[int], shape: tuple[int, ...] = (1, 8, 8), classes: int = 5,
+              seed: int = 0) -> tuple[Task, list[Client]]:
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    x, y = torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+    data = TensorData(x, y)
+    task = Task(
+        train=data, test=data, proxy=torch.randn(12, *shape, generator=g), val=None, num_classes=classes,
+        input_shape=shape, server_arch=archs[0], client_archs=[archs[i % len(archs)] for i in range(len(sizes))],
+        build_model=functools.partial(models.build, input_shape=shape, num_classes=classes), seed=seed,
+    )
+    clients, start = [], 0
+    for i, s in enumerate(sizes):
+        clients.append(Client(i, data.subset(range(start, start + s)), task.client_archs[i], 1, derive(seed, "c", i)))
+        start += s
+    return task, clients
+
+
+def jobs_of(alg, task, clients):
+    # FedAvg-like algorithms refuse mixed-architecture tasks; their clients here share the server's
+    state = ServerState(init_params(task)) if isinstance(alg, FedAvg) else alg.init(task)
+    return [(c, alg.configure(task, state, c)) for c in clients]
+
+
+def assert_close(ref, got, exact: bool = False) -> None:
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got, strict=True):
+        assert type(a) is type(b), (a, b)
+        assert a.client_id == b.client_id
+        if isinstance(a, ClientFailure):
+            continue
+        assert a.payload.keys() == b.payload.keys()
+        assert a.metrics["steps"] == b.metrics["steps"]
+        for k in a.payload:
+            if exact:
+                assert torch.equal(a.payload[k], b.payload[k]), k
+            else:
+                torch.testing.assert_close(b.payload[k], a.payload[k], atol=ATOL, rtol=0, msg=k)
+        if exact:
+            assert a.metrics == b.metrics
+        else:
+            assert abs(a.metrics["train_loss"] - b.metrics["train_loss"]) <= ATOL
+        if a.client_state is not None:
+            for k in a.client_state["params"]:
+                torch.testing.assert_close(b.client_state["params"][k], a.client_state["params"][k], atol=ATOL, rtol=0)
+
+
+ALGS = {
+    "fedavg": FedAvg(local=LOCAL),
+    "fedprox": FedProx(local=LOCAL, mu=0.5),
+    "fedema_distill": FedEMADistill(local=LOCAL),
+    "fedema_distill_stateful": FedEMADistill(local=LOCAL, downlink="none"),  # per-client weights
+}
+
+
+@pytest.mark.parametrize("alg", list(ALGS), ids=list(ALGS))
+@pytest.mark.parametrize("arch,shape", [("mlp:hidden=16", (1, 8, 8)), ("cnn:width=4,hidden=16", (1, 40))])
+def test_vectorized_equals_sequential(alg, arch, shape):
+    task, clients = make_task([arch], SIZES, shape)
+    jobs = jobs_of(ALGS[alg], task, clients)
+    vec = Vectorized()
+    assert_close(Sequential().run(ALGS[alg], task, jobs), vec.run(ALGS[alg], task, jobs))
+    assert vec.batched == len(SIZES)
+
+
+@pytest.mark.parametrize("arch", ["resnet8:norm=gn,width=4", "resnet8:norm=bn,width=4"])
+def test_vectorized_normalisation_layers(arch):
+    # BatchNorm: per-client running statistics, clients bucketed by size (no padding in a BN batch)
+    task, clients = make_task([arch], [8, 8, 8, 5, 5, 11, 4])
+    alg = FedAvg(local=LocalSGD(epochs=1, batch_size=4, lr=0.05, momentum=0.5))
+    jobs = jobs_of(alg, task, clients)
+    vec = Vectorized()
+    ref, got = Sequential().run(alg, task, jobs), vec.run(alg, task, jobs)
+    assert_close(ref, got)
+    assert vec.batched == (5 if "bn" in arch else 7)  # BN: sizes 8, 8, 8 and 5, 5 batched; 11 and 4 alone
+    if "bn" in arch:  # the running statistics moved, per client
+        key = "delta.bn1.running_mean"
+        assert not torch.equal(got[0].payload[key], got[3].payload[key])
+
+
+def test_vectorized_chunks_and_mixed_architectures():
+    task, clients = make_task(["mlp:hidden=16", "mlp:hidden=8"], SIZES * 2)
+    alg = FedEMADistill(local=LOCAL, downlink="none")
+    jobs = jobs_of(alg, task, clients)
+    vec = Vectorized(max_chunk=3)
+    assert_close(Sequential().run(alg, task, jobs), vec.run(alg, task, jobs))
+    assert vec.batched == 2 * len(SIZES)
+
+
+@dataclass(frozen=True)
+class Fragile(FedAvg):
+    """FedAvg whose client 2 fails in ``finish`` and whose loss cannot be vmapped when asked."""
+
+    vmap_hostile: bool = False
+
+    def loss(self, downlink):
+        base = cross_entropy()
+        if not self.vmap_hostile:
+            return base
+
+        def loss(logits, batch, params):
+            if float(logits.detach().sum()) > 1e9:  # data-dependent control flow: no vmap
+                raise AssertionError
+            return base(logits, batch, params)
+
+        return loss
+
+    def finish(self, task, downlink, client, model, stats):
+        if client.id == 2:
+            raise RuntimeError("client 2 crashed")
+        return super().finish(task, downlink, client, model, stats)
+
+
+@pytest.mark.parametrize("hostile", [False, True])
+def test_vectorized_isolates_failures(hostile):
+    task, clients = make_task(["mlp:hidden=8"], SIZES)
+    clients[5].data.x[0, 0, 0, 0] = float("nan")  # diverges: local_train raises on a NaN loss
+    alg = Fragile(local=LOCAL, vmap_hostile=hostile)
+    jobs = jobs_of(alg, task, clients)
+    ref, got = Sequential().run(alg, task, jobs), Vectorized().run(alg, task, jobs)
+    assert [type(r) for r in got] == [type(r) for r in ref]
+    assert {r.client_id for r in got if isinstance(r, ClientFailure)} == {2, 5}
+    assert_close(ref, got)
+
+
+def test_vectorized_falls_back_for_adam_and_plain_algorithms():
+    task, clients = make_task(["mlp:hidden=8"], SIZES[:4])
+    adam = FedAvg(local=LocalSGD(epochs=1, batch_size=4, optimizer="adam"))
+    jobs = jobs_of(adam, task, clients)
+    assert_close(Sequential().run(adam, task, jobs), Vectorized().run(adam, task, jobs), exact=True)
+
+    @dataclass(frozen=True)
+    class NoSplit:  # only client_update: no prepare/finish
+        inner: FedAvg
+
+        def client_update(self, task, downlink, client) -> ClientUpdate:
+            return local_update(self.inner, task, downlink, client)
+
+    plain = NoSplit(FedAvg(local=LOCAL))
+    jobs = jobs_of(plain.inner, task, clients)
+    assert_close(Sequential().run(plain, task, jobs), Vectorized().run(plain, task, jobs), exact=True)
+
+
+def test_serialisation_roundtrip():
+    obj = {"a": [torch.arange(5), torch.zeros(0), torch.tensor(3.5)], "b": torch.ones(2, 3, dtype=torch.bool)}
+    obj["c"] = obj["a"][0]  # shared tensors stay shared once
+    out = loads(dumps(obj))
+    assert torch.equal(out["a"][0], obj["a"][0]) and out["a"][1].shape == (0,) and out["b"].dtype == torch.bool
+    assert out["a"][2].item() == 3.5 and out["c"] is out["a"][0]
+
+
+def test_registry():
+    for name in ("sequential", "vectorized", "parallel", "auto"):
+        assert name in EXECUTORS and make_executor(name).name == name
+
+
+def test_parallel_falls_back_for_an_unpicklable_task():
+    task, parts = blob_task(num_clients=3)  # build_model is a local function
+    clients = [Client(i, task.train.subset(p), "mlp", 1, derive(0, i)) for i, p in enumerate(parts)]
+    alg = FedAvg(local=LOCAL)
+    jobs = jobs_of(alg, task, clients)
+    with Parallel(workers=2) as ex:
+        assert_close(Sequential().run(alg, task, jobs), ex.run(alg, task, jobs), exact=True)
+
+
+@pytest.fixture(scope="module")
+def pool_task():
+    """One pool for the module: the task is shipped once, when the pool starts."""
+    task, clients = make_task(["mlp:hidden=16", "cnn:width=4,hidden=8"], SIZES * 2)
+    ex = Parallel(workers=2)
+    assert ex.start(task)
+    yield task, clients, ex
+    ex.close()
+
+
+@pytest.mark.parametrize("alg", ["fedavg", "fedprox", "fedema_distill_stateful"])
+def test_parallel_is_bit_identical(pool_task, alg):
+    task, clients, ex = pool_task
+    algorithm = ALGS[alg]
+    if alg != "fedema_distill_stateful":
+        clients = [c for c in clients if c.arch == task.server_arch]
+    jobs = jobs_of(algorithm, task, clients)
+    assert_close(Sequential().run(algorithm, task, jobs), ex.run(algorithm, task, jobs), exact=True)
+
+
+def test_parallel_isolates_failures(pool_task):
+    task, clients, ex = pool_task
+    clients = [c for c in clients if c.arch == task.server_arch]
+    alg = Fragile(local=LOCAL)
+    jobs = jobs_of(alg, task, clients)
+    got = ex.run(alg, task, jobs)
+    assert {r.client_id for r in got if isinstance(r, ClientFailure)} == {2}
+    assert_close(Sequential().run(alg, task, jobs), got, exact=True)
+
+
+def test_auto_equals_sequential(pool_task):
+    task, clients, _ = pool_task
+    alg = ALGS["fedema_distill_stateful"]
+    jobs = jobs_of(alg, task, clients)
+    ref = Sequential().run(alg, task, jobs)
+    auto = make_executor("auto")
+    auto.local.vectorized.min_group = 2
+    assert_close(ref, auto.local.run(alg, task, jobs))  # in-process choice, per architecture
+    assert auto.local._choice == {("mlp:hidden=16", "cpu"): True, ("cnn:width=4,hidden=8", "cpu"): True}
+    cnn28 = models.build("cnn", (1, 28, 28), 10)
+    assert not prefers_vectorized(cnn28, "cpu", (1, 28, 28)) and prefers_vectorized(cnn28, "cuda", (1, 28, 28))
+    auto.parallel = pool_task[2]  # reuse the module's pool instead of starting another one
+    auto.mode[(("cnn:width=4,hidden=8", "mlp:hidden=16"), "cpu")] = "try"  # force the pool trial
+    assert_close(ref, auto.run(alg, task, jobs))
+    assert auto.mode[(("cnn:width=4,hidden=8", "mlp:hidden=16"), "cpu")] in ("local", "parallel")
+    assert_close(ref, auto.run(alg, task, jobs))

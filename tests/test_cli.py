@@ -1,0 +1,212 @@
+"""The ``kdfl`` command: list, run (run directory, resume), report, and its error handling.
+
+Most tests call ``kdfl.cli.main`` in-process (fast); two go through a real subprocess to
+check the exit code and that the user never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdfl import cli, config
+
+TINY = ["--set", "data.num_clients=4", "--set", "model.arch=mlp", "--set", "local.batch_size=32"]
+SUMMARY_KEYS = {
+    "final_accuracy", "best_accuracy", "final_ece", "rounds", "rounds_to_target",
+    "uplink_bytes_per_client_round", "downlink_bytes_per_client_round", "wall_seconds",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is fastest, and far faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def kdfl(*args: str) -> int:
+    return cli.main(list(args))
+
+
+def kdfl_subprocess(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "kdfl"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kdfl.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def without_time(recs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in recs]
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny finished runs (fedavg and fedprox, 2 rounds each)."""
+    base = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, extra in (("fedavg", []), ("fedprox", ["--set", "algorithm.name=fedprox", "--set", "algorithm.mu=0.1"])):
+        d = base / name
+        assert kdfl("run", *TINY, "--set", "run.rounds=2", "--set", "run.target_accuracy=0.5", *extra,
+                    "--quiet", "--out", str(d)) == 0
+        out[name] = d
+    return out
+
+
+# -------------------------------------------------------------------------------------- list
+def test_list_prints_every_section(capsys):
+    assert kdfl("list") == 0
+    text = capsys.readouterr().out
+    for head in ("algorithms:", "datasets:", "partitions:", "models (parameters", "aggregators:", "attacks:",
+                 "codecs:"):
+        assert head in text
+    for name in ("fedavg", "fedprox", "fedavgm", "digits", "mnist1d", "dirichlet", "shards", "median", "krum",
+                 "sign_flip", "int8", "topk"):
+        assert name in text
+    models = text.split("models (")[1].split("aggregators:")[0]
+    mlp = next(line for line in models.splitlines() if line.split() and line.split()[0] == "mlp")
+    assert int(mlp.split()[1]) == 8 * 8 * 128 + 128 + 128 * 10 + 10  # parameter count for (1, 8, 8) inputs
+
+
+def test_list_one_section_with_input_shape(capsys):
+    assert kdfl("list", "models", "--input-shape", "1,40") == 0
+    text = capsys.readouterr().out
+    assert "(1, 40)" in text and "cnn" in text and "algorithms:" not in text
+
+
+def test_list_bad_input_shape_is_a_clear_error(capsys):
+    assert kdfl("list", "models", "--input-shape", "3,x") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdfl: error:") and "3,x" in err
+
+
+# ------------------------------------------------------------------------------- run errors
+def test_run_bad_key_subprocess_exit_2_no_traceback():
+    p = kdfl_subprocess("run", "--set", "run.round=3", "--quiet")
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("kdfl: error: ") and "'run.round'" in lines[0] and "'rounds'" in lines[0]
+    assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+def test_run_bad_config_in_process(capsys, tmp_path):
+    assert kdfl("run", str(tmp_path / "missing.toml")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdfl: error: config file") and "missing.toml" in err
+    assert kdfl("run", "--set", "attack.name=sign_flip", "--set", "attack.fraction=0.7", "--quiet") == 2
+    assert "[0, 0.5)" in capsys.readouterr().err
+    assert kdfl("run", "--set", "rounds=3", "--quiet") == 2
+    assert "section.key=value" in capsys.readouterr().err
+
+
+def test_run_prints_summary_and_json(capsys):
+    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--json") == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("final test accuracy")
+    summary = json.loads(out[-1])
+    assert SUMMARY_KEYS <= summary.keys() and summary["rounds"] == 1
+
+
+# ---------------------------------------------------------------------------- run directory
+def test_run_directory_contents(run_dirs):
+    d = run_dirs["fedavg"]
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "checkpoint.pt", "partition.txt", "malicious.json"):
+        assert (d / name).is_file(), name
+    summary = json.loads((d / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["rounds"] == 2
+    assert 0.0 <= summary["final_accuracy"] <= summary["best_accuracy"] <= 1.0
+    assert summary["uplink_bytes_per_client_round"] > 0 and summary["downlink_bytes_per_client_round"] > 0
+    assert [r["round"] for r in records(d)] == [1, 2]
+    assert json.loads((d / "malicious.json").read_text()) == []
+
+
+def test_written_config_reloads_to_the_same_config(run_dirs):
+    d = run_dirs["fedprox"]
+    expected = config.load(None, [a for a in TINY if a != "--set"] + [
+        "run.rounds=2", "run.target_accuracy=0.5", "algorithm.name=fedprox", "algorithm.mu=0.1"])
+    assert config.load(d / "config.toml") == expected
+
+
+def test_resume_extends_rounds_and_equals_a_straight_run(tmp_path, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert kdfl("run", *TINY, "--set", "run.rounds=4", "--quiet", "--out", str(straight)) == 0
+    assert kdfl("run", *TINY, "--set", "run.rounds=2", "--quiet", "--out", str(resumed)) == 0
+    assert kdfl("run", *TINY, "--set", "run.rounds=4", "--quiet", "--resume", "--out", str(resumed)) == 0
+    capsys.readouterr()
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((resumed / "summary.json").read_text())
+    assert b["rounds"] == 4
+    assert a["final_accuracy"] == b["final_accuracy"] and a["best_accuracy"] == b["best_accuracy"]
+    assert a["final_ece"] == b["final_ece"]
+    assert [r["round"] for r in records(resumed)] == [1, 2, 3, 4]
+    assert without_time(records(straight)) == without_time(records(resumed))
+    # the run directory now records the extended config
+    assert config.load(resumed / "config.toml")["run"]["rounds"] == 4
+
+
+def test_resume_refuses_other_changes(tmp_path, capsys):
+    d = tmp_path / "run"
+    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--out", str(d)) == 0
+    before = (d / "metrics.jsonl").read_text()
+    assert kdfl("run", *TINY, "--set", "run.rounds=2", "--set", "run.seed=1", "--quiet", "--resume",
+                "--out", str(d)) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "run.seed: 0 -> 1" in err and "Only run.rounds may change" in err
+    assert "run.rounds:" not in err  # the rounds change is allowed, so not listed as a difference
+    assert (d / "metrics.jsonl").read_text() == before  # nothing lost
+    assert config.load(d / "config.toml")["run"]["seed"] == 0
+
+
+def test_resume_refuses_fewer_rounds_than_done(tmp_path, capsys):
+    d = tmp_path / "run"
+    assert kdfl("run", *TINY, "--set", "run.rounds=2", "--quiet", "--out", str(d)) == 0
+    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--resume", "--out", str(d)) == 2
+    err = capsys.readouterr().err
+    assert "already at round 2" in err
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--resume", "--out", str(tmp_path / "new")) == 2
+    assert "no checkpoint.pt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ report
+def test_report_writes_plots_and_table(run_dirs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert kdfl("report", str(run_dirs["fedavg"]), str(run_dirs["fedprox"]), "--out", str(out)) == 0
+    assert "summary.md" in capsys.readouterr().out
+    for name in ("accuracy_vs_round.png", "accuracy_vs_uplink.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    table = (out / "summary.md").read_text().strip().splitlines()
+    assert table[0].startswith("| run |") and len(table) == 2 + 2
+    assert table[2].startswith("| fedavg |") and table[3].startswith("| fedprox |")
+    assert "| 2 |" in table[2]
+
+
+def test_report_on_non_run_directory(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert kdfl("report", str(tmp_path / "empty"), "--out", str(tmp_path / "rep")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdfl: error:") and "not a kdfl run directory" in err and "empty" in err
+    assert not (tmp_path / "rep").exists()  # nothing written
+
+
+def test_report_subprocess_missing_directory(tmp_path):
+    p = kdfl_subprocess("report", str(tmp_path / "nope"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("kdfl: error:") and "nope" in p.stderr

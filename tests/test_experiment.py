@@ -1,0 +1,118 @@
+"""From config to federation: ``experiment.build`` and ``experiment.run``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdfl import config, experiment
+from kdfl.attacks import choose_malicious
+from kdfl.types import KdflError
+
+ROOT = Path(__file__).parents[1]
+TINY = ["data.num_clients=5", "model.arch=mlp", "local.batch_size=32", "local.momentum=0.9"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is fastest, and far faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_assign_archs_round_robin_and_blocks():
+    assert experiment.assign_archs(4, "mlp", [], "round_robin") == ["mlp"] * 4
+    assert experiment.assign_archs(5, "mlp", ["a", "b"], "round_robin") == ["a", "b", "a", "b", "a"]
+    assert experiment.assign_archs(5, "mlp", ["a", "b"], "blocks") == ["a", "a", "a", "b", "b"]
+    assert experiment.assign_archs(6, "mlp", ["a", "b", "c"], "blocks") == ["a", "a", "b", "b", "c", "c"]
+    # more architectures than clients: blocks still gives every client a valid one
+    assert experiment.assign_archs(2, "mlp", ["a", "b", "c"], "blocks") == ["a", "b"]
+
+
+def test_build_assigns_client_archs():
+    cfg = config.load(None, [*TINY, 'model.client_archs=["mlp", "cnn"]', "model.assign=blocks"])
+    fed = experiment.build(cfg)
+    assert fed.task.client_archs == ["mlp", "mlp", "mlp", "cnn", "cnn"]
+    assert fed.task.server_arch == "mlp"
+
+
+def test_build_rejects_unknown_client_arch_early():
+    cfg = config.load(None, [*TINY, 'model.client_archs=["mlp", "cnnn"]'])
+    with pytest.raises(KdflError, match="cnnn"):
+        experiment.build(cfg)
+
+
+def test_heterogeneous_archs_rejected_by_fedavg():
+    cfg = config.load(None, [*TINY, "run.rounds=1", 'model.client_archs=["mlp", "cnn"]'])
+    with pytest.raises(KdflError) as info:
+        experiment.run(cfg)
+    msg = str(info.value)
+    assert "FedAvg averages weights" in msg and "server's architecture" in msg
+    assert "['cnn', 'mlp']" in msg  # names the architectures it got
+
+
+def test_partitions_cover_the_training_set():
+    fed = experiment.build(config.load(None, TINY))
+    allidx = np.concatenate(fed.partitions)
+    assert len(allidx) == len(np.unique(allidx)) == len(fed.task.train)
+    assert fed.label_counts.shape == (5, 10)
+    assert fed.label_counts.sum() == len(fed.task.train)
+
+
+def test_run_without_directory_returns_history():
+    hist = experiment.run(config.load(None, [*TINY, "run.rounds=2"]))
+    assert [r["round"] for r in hist.records] == [1, 2]
+    assert hist.summary["rounds"] == 2 and hist.state is not None
+    assert hist.summary["final_accuracy"] > 0.5  # 2 rounds of FedAvg on digits learn something
+
+
+def test_malicious_set_and_label_table_in_run_dir(tmp_path):
+    cfg = config.load(None, [*TINY, "run.rounds=1", "attack.name=sign_flip", "attack.fraction=0.2", "run.seed=3"])
+    hist = experiment.run(cfg, out=tmp_path)
+    malicious = json.loads((tmp_path / "malicious.json").read_text())
+    assert malicious == sorted(choose_malicious(5, 0.2, 3))
+    assert len(malicious) == 1  # round(0.2 * 5)
+    assert hist.records[0]["malicious"] == malicious  # all clients take part, the malicious one too
+
+    fed = experiment.build(cfg)
+    lines = (tmp_path / "partition.txt").read_text().splitlines()
+    assert lines[0].split() == ["client", "n", *map(str, range(10))]
+    assert len(lines) == 1 + 5 + 1  # header, one row per client, total
+    for i, line in enumerate(lines[1:6]):
+        assert [int(v) for v in line.split()] == [i, int(fed.label_counts[i].sum()), *fed.label_counts[i]]
+    assert lines[-1].split()[:2] == ["all", str(len(fed.task.train))]
+
+
+def test_no_attack_no_malicious(tmp_path):
+    experiment.run(config.load(None, [*TINY, "run.rounds=1", "attack.fraction=0.2"]), out=tmp_path)
+    assert json.loads((tmp_path / "malicious.json").read_text()) == []  # attack.name = "none"
+
+
+def test_same_seed_same_numbers():
+    cfg = config.load(None, [*TINY, "run.rounds=1", "algorithm.name=fedprox", "algorithm.mu=0.1"])
+    a, b = experiment.run(cfg), experiment.run(cfg)
+    assert a.summary["final_accuracy"] == b.summary["final_accuracy"]
+    assert all(torch.equal(a.state.params[k], b.state.params[k]) for k in a.state.params)
+
+
+def test_resume_with_different_algorithm_refused(tmp_path):
+    experiment.run(config.load(None, [*TINY, "run.rounds=1"]), out=tmp_path)
+    cfg = config.load(None, [*TINY, "run.rounds=2", "algorithm.name=fedprox"])
+    with pytest.raises(KdflError, match=r"algorithm\.name: 'fedavg' -> 'fedprox'"):
+        experiment.run(cfg, out=tmp_path, resume=True)
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_90_percent(tmp_path):
+    cfg = config.load(ROOT / "configs" / "quickstart.toml")
+    hist = experiment.run(cfg, out=tmp_path)
+    s = hist.summary
+    assert s["rounds"] == 30
+    assert s["final_accuracy"] >= 0.90, s
+    assert s["rounds_to_target"] is not None
