@@ -8,7 +8,7 @@ Algorithms compose these instead of writing training loops.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -24,13 +24,13 @@ class Batch(NamedTuple):
     idx: Tensor  # (B,) positions in the client's data set
 
 
-Loss = Callable[[Tensor, Batch, dict[str, Tensor]], Tensor]
+Loss = Callable[[Tensor, Batch, Mapping[str, Tensor]], Tensor]
 
 
 def cross_entropy() -> Loss:
     """Plain cross-entropy on the batch labels."""
 
-    def loss(logits: Tensor, batch: Batch, params: dict[str, Tensor]) -> Tensor:
+    def loss(logits: Tensor, batch: Batch, params: Mapping[str, Tensor]) -> Tensor:
         return F.cross_entropy(logits, batch.y)
 
     return loss
@@ -41,7 +41,7 @@ def proximal(base: Loss, anchor: StateDict, mu: float) -> Loss:
     if mu == 0:
         return base
 
-    def loss(logits: Tensor, batch: Batch, params: dict[str, Tensor]) -> Tensor:
+    def loss(logits: Tensor, batch: Batch, params: Mapping[str, Tensor]) -> Tensor:
         prox = sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
         return base(logits, batch, params) + 0.5 * mu * prox
 

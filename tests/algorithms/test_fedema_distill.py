@@ -19,7 +19,7 @@ def upd(cid, logits, n=1):
 
 
 def test_teacher_median_of_raw_logits_by_hand():
-    alg = FedEMADistill(space="logits", aggregator="median", temperature=1.0)
+    alg = FedEMADistill(space="logits", aggregator="median", temperature=1.0, class_weighting=False)
     q = alg.teacher([upd(0, [[0.0, 0.0]]), upd(1, [[1.0, 0.0]]), upd(2, [[50.0, 0.0]])])
     # median of (0, 1, 50) = 1 and of (0, 0, 0) = 0 -> softmax([1, 0])
     e = math.e
@@ -27,14 +27,14 @@ def test_teacher_median_of_raw_logits_by_hand():
 
 
 def test_teacher_median_of_probabilities_by_hand():
-    alg = FedEMADistill(space="probs", aggregator="median", temperature=1.0)
+    alg = FedEMADistill(space="probs", aggregator="median", temperature=1.0, class_weighting=False)
     # softmax rows: [.5, .5], [.75, .25], [.2, .8]; medians .5 and .5 -> [.5, .5]
     q = alg.teacher([upd(0, [[0.0, 0.0]]), upd(1, [[math.log(3), 0.0]]), upd(2, [[0.0, math.log(4)]])])
     torch.testing.assert_close(q, torch.tensor([[0.5, 0.5]]))
 
 
 def test_teacher_mean_in_probs_space_with_temperature():
-    alg = FedEMADistill(space="probs", aggregator="mean", temperature=2.0)
+    alg = FedEMADistill(space="probs", aggregator="mean", temperature=2.0, class_weighting=False)
     # T=2: softmax([2 ln3, 0]/2) = [.75, .25]; softmax([0, 0]) = [.5, .5]; weights 1 and 3
     q = alg.teacher([upd(0, [[2 * math.log(3), 0.0]], n=1), upd(1, [[0.0, 0.0]], n=3)])
     torch.testing.assert_close(q, torch.tensor([[0.5625, 0.4375]]))
@@ -50,7 +50,7 @@ def test_spaces_are_shift_invariant_where_they_should_be():
 
 def test_ema_step_by_hand():
     task, _ = tiny_task()
-    alg = FedEMADistill(distill_steps=0, ema_decay=0.9, ema_warmup=True)
+    alg = FedEMADistill(distill_steps=0, ema_decay=0.9, ema_warmup=True, class_weighting=False)
     ema = {"weight": torch.ones(2, 2)}
     student = {"weight": torch.zeros(2, 2)}
     state = ServerState(ema, 0, {"student": student})
@@ -63,7 +63,8 @@ def test_ema_step_by_hand():
 
 def test_ema_step_after_distillation_by_hand():
     task, _ = tiny_task()
-    alg = FedEMADistill(distill_steps=5, ema_decay=0.5, ema_warmup=False, space="logits", temperature=1.0)
+    alg = FedEMADistill(distill_steps=5, ema_decay=0.5, ema_warmup=False, space="logits", temperature=1.0,
+                        class_weighting=False)
     state = alg.init(task)
     new = alg.server_update(task, state, [upd(0, [[3.0, 0.0]] * 4), upd(1, [[3.0, 0.0]] * 4)])
     theta_s = new.extra["student"]["weight"]
@@ -76,7 +77,7 @@ def test_ema_step_after_distillation_by_hand():
 
 def test_validate_rejects_malformed_logits():
     task, _ = tiny_task()
-    alg = FedEMADistill()
+    alg = FedEMADistill(class_weighting=False)
     state = alg.init(task)
     alg.validate(task, state, upd(0, [[0.0, 1.0]] * 4))
     with pytest.raises(PayloadError, match=r"expected \(4, 2\)"):
@@ -137,3 +138,16 @@ def test_class_weighted_median_by_hand():
 def test_class_weighting_needs_mean_or_median():
     with pytest.raises(KdflError, match="class_weighting"):
         FedEMADistill(class_weighting=True, aggregator="krum:f=1")
+
+
+def test_class_weighted_trimmed_mean_by_hand():
+    from kdfl.algorithms.fedema_distill import class_weighted_mean, class_weighted_trimmed_mean
+
+    x = torch.tensor([1.0, 2.0, 3.0, 10.0]).reshape(4, 1, 1)
+    shares = torch.full((4, 1), 0.25, dtype=torch.float64)
+    # beta = 0.25 drops exactly the lowest and the highest client: mean(2, 3)
+    torch.testing.assert_close(class_weighted_trimmed_mean(x, shares, 0.25), torch.tensor([[2.5]]))
+    # beta = 0.125 keeps half of each boundary client: (0.5*1 + 2 + 3 + 0.5*10) / 3
+    torch.testing.assert_close(class_weighted_trimmed_mean(x, shares, 0.125), torch.tensor([[10.5 / 3]]))
+    w = torch.tensor([[0.1], [0.2], [0.3], [0.4]], dtype=torch.float64)
+    torch.testing.assert_close(class_weighted_trimmed_mean(x, w, 0.0), class_weighted_mean(x, w))

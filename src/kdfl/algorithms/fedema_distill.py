@@ -103,6 +103,20 @@ def class_weighted_median(x: Tensor, shares: Tensor) -> Tensor:
     return xs.gather(0, k).squeeze(0)
 
 
+def class_weighted_trimmed_mean(x: Tensor, shares: Tensor, beta: float = 0.1) -> Tensor:
+    """Per-class weighted trimmed mean: per column, sort the clients, drop the lowest and
+    the highest ``beta`` fraction of the column's *weight* (partially cutting the client
+    on each boundary) and average the rest by weight. ``beta = 0`` is the weighted mean.
+    x: (K, n, C), shares: (K, C) -> (n, C)."""
+    w = (shares + 1e-6).to(x.dtype)[:, None, :].expand_as(x)
+    xs, order = x.sort(0)
+    ws = w.gather(0, order)
+    hi = ws.cumsum(0) / ws.sum(0, keepdim=True)  # each client's weight interval [lo, hi] in (0, 1]
+    lo = hi - ws / ws.sum(0, keepdim=True)
+    keep = (torch.minimum(hi, torch.full_like(hi, 1 - beta)) - torch.maximum(lo, torch.full_like(lo, beta))).clamp_min(0)
+    return (xs * keep).sum(0) / keep.sum(0).clamp_min(1e-12)
+
+
 @dataclass(frozen=True)
 class FedEMADistill:
     """FedEMA-Distill (reconstruction; see the module docstring).
@@ -115,7 +129,9 @@ class FedEMADistill:
         space: aggregation space: "logits", "centered", "standardized", "logprobs", "probs".
         aggregator: coordinate-wise rule, e.g. "median", "trimmed_mean:beta=0.2", "mean".
         class_weighting: weight each client's column c by its share of class c (clients
-            upload their C label counts); supported with the "mean" and "median" rules.
+            upload their C label counts); supported with "mean", "median" and "trimmed_mean".
+            Label counts are claimed by the clients: a liar can move weight between
+            classes, but each client's total weight stays 1.
         clip: clip uploaded logits to [-clip, clip] before aggregation (0 = off).
         temperature: T for the teacher and the student.
         teacher_ema: γ, smoothing of the teacher over rounds (0 = off; needs a fixed proxy).
@@ -132,13 +148,13 @@ class FedEMADistill:
     proxy_subset: int = 0
     space: str = "probs"
     aggregator: str = "median"
-    class_weighting: bool = False
+    class_weighting: bool = True
     clip: float = 0.0
     temperature: float = 3.0
     teacher_ema: float = 0.0
     distill_steps: int = 300
     distill_batch_size: int = 128
-    distill_lr: float = 1e-3
+    distill_lr: float = 3e-3
     distill_optimizer: str = "adam"
     student_init: str = "student"
     ema_decay: float = 0.9
@@ -160,8 +176,9 @@ class FedEMADistill:
             raise KdflError("algorithm.clip, proxy_subset and ema_teacher_weight must be >= 0")
         name, hyper = parse_spec(self.aggregator)
         make_aggregator(name, **hyper)
-        if self.class_weighting and name not in ("mean", "median"):
-            raise KdflError(f"algorithm.class_weighting works with the 'mean' and 'median' aggregators, not {name!r}")
+        if self.class_weighting and name not in ("mean", "median", "trimmed_mean"):
+            raise KdflError("algorithm.class_weighting works with the 'mean', 'median' and 'trimmed_mean' "
+                            f"aggregators, not {name!r}; set class_weighting = false for other rules")
         self.settings()
 
     def settings(self) -> DistillSettings:
@@ -241,7 +258,10 @@ class FedEMADistill:
         name, hyper = parse_spec(self.aggregator)
         if self.class_weighting:
             shares = class_shares(torch.stack([u.payload["label_counts"] for u in updates]))
-            agg = (class_weighted_mean if name == "mean" else class_weighted_median)(x, shares)
+            if name == "trimmed_mean":
+                agg = class_weighted_trimmed_mean(x, shares, **{"beta": 0.1, **hyper})
+            else:
+                agg = (class_weighted_mean if name == "mean" else class_weighted_median)(x, shares)
         else:
             w = torch.tensor([float(u.num_examples) for u in updates])
             agg = aggregate_tensors(make_aggregator(name, **hyper), list(x), w)

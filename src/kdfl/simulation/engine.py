@@ -93,6 +93,62 @@ def _finite(payload: Payload) -> None:
             raise PayloadError(f"payload entry {k!r} holds NaN or infinite values")
 
 
+def accept_upload(
+    algorithm: Algorithm, task: Task, state: ServerState, update: ClientUpdate, payload: Payload
+) -> ClientUpdate:
+    """The update as the server received it (``payload`` decoded from the wire), checked:
+    finite values and the algorithm's own ``validate``. Raises PayloadError."""
+    _finite(payload)
+    received = ClientUpdate(update.client_id, update.num_examples, payload, update.metrics, update.client_state)
+    validate = getattr(algorithm, "validate", None)
+    if validate is not None:
+        validate(task, state, received)
+    return received
+
+
+def round_record(
+    task: Task,
+    state: ServerState,
+    round_num: int,
+    settings: RunSettings,
+    *,
+    sampled: Sequence[int],
+    dropped: Sequence[int],
+    failed: Sequence[int],
+    rejected: Sequence[int],
+    active: Sequence[int],
+    up_bytes: Sequence[int],
+    down_bytes: Sequence[int],
+    accepted: Sequence[ClientUpdate],
+) -> dict[str, Any]:
+    """The per-round record (without ``wall_seconds``), evaluating ``state`` when due.
+
+    Shared by the engine and the Flower ServerApp so both write the same records.
+    """
+    record: dict[str, Any] = {
+        "round": round_num,
+        "clients": sampled,
+        "dropped": sorted(dropped),
+        "failed": list(failed),
+        "rejected": rejected,
+        "malicious": [c for c in active if c in task.malicious],
+        "uplink_bytes": int(sum(up_bytes)),
+        "downlink_bytes": int(sum(down_bytes)),
+        "uplink_bytes_per_client": float(np.mean(up_bytes)) if up_bytes else 0.0,
+        "downlink_bytes_per_client": float(np.mean(down_bytes)) if down_bytes else 0.0,
+        "train_loss": float(np.mean([u.metrics.get("train_loss", math.nan) for u in accepted]))
+        if accepted
+        else math.nan,
+    }
+    for key in sorted({k for u in accepted for k in u.metrics} - {"train_loss", "steps"}):
+        record[key] = float(np.mean([u.metrics[key] for u in accepted if key in u.metrics]))
+    for key, value in state.extra.get("metrics", {}).items():
+        record[key] = value
+    if round_num % settings.eval_every == 0 or round_num == settings.rounds:
+        record.update(evaluate_state(task, state))
+    return record
+
+
 class Engine:
     """Runs ``algorithm`` on ``task`` whose clients hold ``partitions`` of ``task.train``."""
 
@@ -170,12 +226,7 @@ class Engine:
             buf = wire.encode(pack(u.payload, self.uplink_codec))
             up_bytes.append(len(buf))
             try:
-                payload = unpack(wire.decode(buf), self.uplink_codec)
-                _finite(payload)
-                received = ClientUpdate(u.client_id, u.num_examples, payload, u.metrics, u.client_state)
-                validate = getattr(self.algorithm, "validate", None)
-                if validate is not None:
-                    validate(task, state, received)
+                received = accept_upload(self.algorithm, task, state, u, unpack(wire.decode(buf), self.uplink_codec))
             except PayloadError as e:
                 log.warning("round %d: payload of client %d rejected: %s", round_num, u.client_id, e)
                 rejected.append(u.client_id)
@@ -190,27 +241,10 @@ class Engine:
             log.warning("round %d: no client update accepted; the server state is unchanged", round_num)
             state = ServerState(state.params, state.round + 1, state.extra)
 
-        record: dict[str, Any] = {
-            "round": round_num,
-            "clients": sampled,
-            "dropped": sorted(dropped),
-            "failed": [f.client_id for f in failed],
-            "rejected": rejected,
-            "malicious": [c for c in active if c in task.malicious],
-            "uplink_bytes": int(sum(up_bytes)),
-            "downlink_bytes": int(sum(down_bytes)),
-            "uplink_bytes_per_client": float(np.mean(up_bytes)) if up_bytes else 0.0,
-            "downlink_bytes_per_client": float(np.mean(down_bytes)) if down_bytes else 0.0,
-            "train_loss": float(np.mean([u.metrics.get("train_loss", math.nan) for u in accepted]))
-            if accepted
-            else math.nan,
-        }
-        for key in sorted({k for u in accepted for k in u.metrics} - {"train_loss", "steps"}):
-            record[key] = float(np.mean([u.metrics[key] for u in accepted if key in u.metrics]))
-        for key, value in state.extra.get("metrics", {}).items():
-            record[key] = value
-        if round_num % s.eval_every == 0 or round_num == s.rounds:
-            record.update(evaluate_state(task, state))
+        record = round_record(
+            task, state, round_num, s, sampled=sampled, dropped=dropped, failed=[f.client_id for f in failed],
+            rejected=rejected, active=active, up_bytes=up_bytes, down_bytes=down_bytes, accepted=accepted,
+        )
         record["wall_seconds"] = time.perf_counter() - t0
         return state, record
 

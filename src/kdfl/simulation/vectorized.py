@@ -88,13 +88,13 @@ def _lift(obj: Any, leaves: list[Tensor], depth: int = 0) -> tuple[Any, Builder]
             items = list(obj.items()) if isinstance(obj, dict) else list(enumerate(obj))
             if all(isinstance(k, (str, int)) for k, _ in items):
                 parts = [(k, *_lift(v, leaves, depth + 1)) for k, v in items]
-                key = (type(obj).__name__, tuple((k, pk) for k, pk, _ in parts))
+                key: tuple[Any, ...] = (type(obj).__name__, tuple((k, pk) for k, pk, _ in parts))
                 if isinstance(obj, dict):
                     return key, lambda ls: {k: b(ls) for k, _, b in parts}
                 kind = type(obj)
                 return key, lambda ls: kind(b(ls) for _, _, b in parts)
         if isinstance(obj, types.FunctionType):
-            cells = []
+            cells: list[tuple[Any, Any]] = []
             for cell in obj.__closure__ or ():
                 try:
                     cells.append(_lift(cell.cell_contents, leaves, depth + 1))
@@ -334,8 +334,8 @@ class Vectorized:
         # the data of the chunk, concatenated; batches index into it
         sizes = [len(it.client.data) for it in items]
         offsets = [0]
-        for n in sizes[:-1]:
-            offsets.append(offsets[-1] + n)
+        for size in sizes[:-1]:
+            offsets.append(offsets[-1] + size)
         xs = torch.cat([it.client.data.x for it in items]).to(dev)
         ys = torch.cat([it.client.data.y for it in items]).to(dev)
 
@@ -429,7 +429,8 @@ class Vectorized:
             model.train()
             before = sys.getrefcount(model)
             try:
-                out[it.pos] = algorithm.finish(task, it.downlink, it.client, model, stats)
+                out[it.pos] = algorithm.finish(  # type: ignore[attr-defined]  # LocalTraining, checked in prepare
+                    task, it.downlink, it.client, model, stats)
             except Exception:
                 out[it.pos] = run_one(algorithm, task, it.client, it.downlink)
             if sys.getrefcount(model) != before:  # finish kept the model: give the next client its own

@@ -1,0 +1,1 @@
+"""A Flower app running kdfl (see README.md)."""

@@ -1,0 +1,106 @@
+"""The client half of any kdfl algorithm as a Flower ``ClientApp``.
+
+Messages from :mod:`kdfl.flower.server_app`:
+
+- ``query.kdfl_partition``: reply with this node's ``partition-id`` / ``num-partitions``
+  (from the SuperNode's ``--node-config``); kdfl client id = partition id.
+- ``train``: content ``payload`` (ArrayRecord: the packed downlink) and ``config``
+  (ConfigRecord: ``round``, ``client-id``, ``kdfl-config`` = the resolved TOML). The app
+  builds the same federation as the simulator (cached per process), the same
+  :class:`~kdfl.types.Client` (same seed derivation), runs ``algorithm.client_update``
+  and replies with ``payload`` (ArrayRecord: the packed upload, native dtypes),
+  ``metrics`` (MetricRecord: ``num-examples`` and train metrics) and ``config``.
+
+Stateful clients keep ``ClientUpdate.client_state`` in ``context.state``. A malicious
+node (its id in the run's malicious set) poisons its labels (``label_flip``) or tampers
+with its own upload (``sign_flip``, ``scaled``, ``gaussian``); omniscient attacks are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from kdfl.flower.federation import Prepared, prepare_text
+from kdfl.flower.records import STATE_KEY, load_client_state, payload_to_record, record_to_payload, save_client_state
+from kdfl.transport import pack, unpack
+from kdfl.types import KdflError
+
+log = logging.getLogger(__name__)
+
+PARTITION_QUERY = "query.kdfl_partition"
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config, checked."""
+    cfg = context.node_config
+    missing = [k for k in ("partition-id", "num-partitions") if k not in cfg]
+    if missing:
+        raise KdflError(
+            f"this SuperNode has no {' / '.join(missing)} in its node config: start it with "
+            '--node-config "partition-id=<i> num-partitions=<n>" (kdfl client id = partition-id)'
+        )
+    try:
+        pid, n = int(cfg["partition-id"]), int(cfg["num-partitions"])
+    except (TypeError, ValueError):
+        raise KdflError(f"node config partition-id / num-partitions must be integers, got {dict(cfg)}") from None
+    if not 0 <= pid < n:
+        raise KdflError(f"node config partition-id={pid} is out of range for num-partitions={n}")
+    return pid, n
+
+
+def check_partition(pid: int, n: int, p: Prepared) -> None:
+    if n != p.num_clients:
+        raise KdflError(
+            f"node config num-partitions={n} but the kdfl config has data.num_clients={p.num_clients}: "
+            "start one SuperNode per client with num-partitions equal to data.num_clients"
+        )
+    if not 0 <= pid < p.num_clients:
+        raise KdflError(f"partition-id={pid} is out of range: the kdfl config has {p.num_clients} clients")
+
+
+def query_partition(msg: Message, context: Context) -> Message:
+    pid, n = node_partition(context)
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-partitions": n})}), reply_to=msg)
+
+
+def train(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)  # several ClientApps share the machine's cores
+    conf = msg.content["config"]
+    p = prepare_text(str(conf["kdfl-config"]))
+    pid, n = node_partition(context)
+    check_partition(pid, n, p)
+    cid, round_num = int(conf["client-id"]), int(conf["round"])
+    if cid != pid:
+        raise KdflError(f"the server addressed client {cid} but this node holds partition-id={pid}")
+    task = p.fed.task
+    stored = load_client_state(context.state.get(STATE_KEY))
+    client = p.engine._client(cid, round_num, {cid: stored} if stored is not None else {})  # poisons labels
+    downlink = unpack(record_to_payload(msg.content["payload"]), p.downlink_codec)
+    update = p.fed.algorithm.client_update(task, downlink, client)
+    if client.malicious and p.threat is not None:
+        update = p.threat.tamper([update], [True], round_num, task)[0]  # own upload only
+    if update.client_state is not None:
+        context.state[STATE_KEY] = save_client_state(update.client_state)
+    metrics = {"num-examples": int(update.num_examples)}
+    metrics.update({f"m.{k}": float(v) for k, v in update.metrics.items()})
+    content = RecordDict({
+        "payload": payload_to_record(pack(update.payload, p.uplink_codec)),
+        "metrics": MetricRecord(metrics),
+        "config": ConfigRecord({"client-id": cid, "round": round_num}),
+    })
+    return Message(content, reply_to=msg)
+
+
+def make_client_app() -> ClientApp:
+    """A ClientApp running the client half of the algorithm named in the server's config."""
+    app = ClientApp()
+    app.train()(train)
+    app.query("kdfl_partition")(query_partition)
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,223 @@
+"""The server half of any kdfl algorithm as a Flower ``ServerApp``.
+
+The ServerApp reads the kdfl config named in the Flower run config (``kdfl-config``: a
+TOML path, relative to the working directory or the app's directory, or the TOML text;
+``kdfl-set``: overrides ``"section.key=value; ..."``; ``kdfl-out``: a directory for
+``metrics.jsonl``, ``summary.json`` and ``params.pt``), builds the federation with
+:func:`kdfl.experiment.build` and runs the rounds of
+:class:`~kdfl.simulation.engine.Engine` with Flower messages in place of function calls:
+
+1. ``query.kdfl_partition`` to every node: kdfl client id = the node's ``partition-id``.
+2. per round: sample and drop clients like the engine; ``algorithm.configure`` ->
+   :func:`kdfl.transport.pack` -> ``ArrayRecord`` (one ``train`` message per client);
+   the replies' ``ArrayRecord`` -> unpack -> finite and ``validate`` checks
+   (:func:`~kdfl.simulation.engine.accept_upload`) -> ``server_update`` -> evaluation and
+   the same per-round record as the engine (:func:`~kdfl.simulation.engine.round_record`).
+
+Byte accounting comes from the real message contents: ``uplink_bytes`` / ``downlink_bytes``
+are the data bytes of the arrays in the ``ArrayRecord`` of each message, as Flower
+delivered it (:func:`kdfl.flower.records.nbytes`: numel x itemsize summed over the arrays,
+without the ``.npy`` headers; ``kdfl.wire`` counts a few header bytes more per entry).
+``uplink_record_bytes`` adds Flower's own count (``ArrayRecord.count_bytes``, with headers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log as flog
+from flwr.serverapp import Grid, ServerApp
+
+from kdfl.config import Config
+from kdfl.flower.client_app import PARTITION_QUERY
+from kdfl.flower.federation import CONFIG_KEY, OUT_KEY, OVERRIDES_KEY, Prepared, load_config, prepare, split_overrides
+from kdfl.flower.records import nbytes, payload_to_record, record_to_payload
+from kdfl.simulation.engine import History, accept_upload, round_record, summarize
+from kdfl.simulation.sampling import dropouts, sample_clients
+from kdfl.transport import pack, unpack
+from kdfl.types import ClientUpdate, KdflError, PayloadError, ServerState
+
+log = logging.getLogger(__name__)
+
+
+def discover(grid: Grid, p: Prepared, wait_s: float = 120.0) -> dict[int, int]:
+    """kdfl client id -> Flower node id, asking every node for its ``partition-id``."""
+    n, deadline = p.num_clients, time.monotonic() + wait_s
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < n and time.monotonic() < deadline:
+        time.sleep(0.5)  # in deployment, SuperNodes register one after the other
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < n:
+        raise KdflError(f"only {len(nodes)} SuperNodes connected within {wait_s:.0f} s, the kdfl config needs "
+                        f"{n} (one per client, --node-config \"partition-id=i num-partitions={n}\")")
+    msgs = [Message(RecordDict({}), dst_node_id=nid, message_type=PARTITION_QUERY) for nid in nodes]
+    mapping: dict[int, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=wait_s):
+        src = reply.metadata.src_node_id
+        if reply.has_error():
+            raise KdflError(f"node {src} could not report its partition: {reply.error.reason}")
+        m = reply.content["metrics"]
+        pid, k = int(m["partition-id"]), int(m["num-partitions"])
+        if k != n or not 0 <= pid < n:
+            raise KdflError(f"node {src} has partition-id={pid} num-partitions={k}, but the kdfl config has "
+                            f"data.num_clients={n}: partition ids must be 0..{n - 1}")
+        if pid in mapping:
+            raise KdflError(f"nodes {mapping[pid]} and {src} both claim partition-id={pid}")
+        mapping[pid] = src
+    missing = sorted(set(range(n)) - set(mapping))
+    if missing:
+        raise KdflError(f"no node answered for partition ids {missing}")
+    return mapping
+
+
+def run_round(
+    grid: Grid, p: Prepared, nodes: Mapping[int, int], state: ServerState, round_num: int,
+    timeout: float | None = None,
+) -> tuple[ServerState, dict[str, Any]]:
+    """One round through Flower; the same steps and record as ``Engine.round``."""
+    s, task, algorithm = p.engine.settings, p.fed.task, p.fed.algorithm
+    t0 = time.perf_counter()
+    sampled = sample_clients(p.num_clients, s.clients_per_round or p.num_clients, task.seed, round_num)
+    dropped = dropouts(sampled, s.dropout, task.seed, round_num)
+    active = [c for c in sampled if c not in dropped]
+
+    msgs, down_bytes, cache = [], [], {}
+    for cid in active:
+        client = p.engine._client(cid, round_num, {})  # server side: no client state (it lives on the node)
+        payload = algorithm.configure(task, state, client)
+        if id(payload) not in cache:
+            cache[id(payload)] = (payload_to_record(pack(payload, p.downlink_codec)), payload)
+        record, _ = cache[id(payload)]
+        down_bytes.append(nbytes(record))
+        conf = ConfigRecord({"round": round_num, "client-id": cid, "kdfl-config": p.text})
+        msgs.append(Message(RecordDict({"payload": record, "config": conf}), dst_node_id=nodes[cid],
+                            message_type=MessageType.TRAIN, group_id=str(round_num)))
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
+
+    accepted: list[ClientUpdate] = []
+    failed: list[int] = []
+    rejected: list[int] = []
+    up_bytes: list[int] = []
+    record_bytes: list[int] = []
+    for cid in active:  # the engine's order, so aggregation sums in the same order
+        reply = replies.get(nodes[cid])
+        if reply is None or reply.has_error():
+            why = "no reply" if reply is None else reply.error.reason
+            log.warning("round %d: client %d failed and is excluded: %s", round_num, cid, why)
+            failed.append(cid)
+            continue
+        arrays = reply.content["payload"]
+        up_bytes.append(nbytes(arrays))
+        record_bytes.append(arrays.count_bytes())
+        m = reply.content["metrics"]
+        metrics = {k[2:]: float(v) for k, v in m.items() if k.startswith("m.")}
+        try:
+            update = ClientUpdate(cid, int(m["num-examples"]), {}, metrics)
+            received = accept_upload(algorithm, task, state,
+                                     update, unpack(record_to_payload(arrays), p.uplink_codec))
+        except PayloadError as e:
+            log.warning("round %d: payload of client %d rejected: %s", round_num, cid, e)
+            rejected.append(cid)
+            continue
+        accepted.append(received)
+
+    if accepted:
+        state = algorithm.server_update(task, state, accepted)
+    else:
+        log.warning("round %d: no client update accepted; the server state is unchanged", round_num)
+        state = ServerState(state.params, state.round + 1, state.extra)
+    record = round_record(task, state, round_num, s, sampled=sampled, dropped=dropped, failed=failed,
+                          rejected=rejected, active=active, up_bytes=up_bytes, down_bytes=down_bytes,
+                          accepted=accepted)
+    record["uplink_record_bytes"] = int(sum(record_bytes))
+    record["wall_seconds"] = time.perf_counter() - t0
+    return state, record
+
+
+def run(grid: Grid, cfg: Config, out: str | Path | None = None, wait_s: float = 120.0,
+        on_round: Callable[[dict[str, Any]], None] | None = None) -> History:
+    """All rounds of ``cfg`` through ``grid``; writes ``out`` like ``kdfl run --out`` does."""
+    if cfg["run"]["threads"]:
+        torch.set_num_threads(cfg["run"]["threads"])
+    p = prepare(cfg)
+    run_dir = Path(out) if out else None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(p.text)
+        (run_dir / "metrics.jsonl").write_text("")
+    nodes = discover(grid, p, wait_s)
+    log.info("kdfl: %d clients on nodes %s", len(nodes), nodes)
+    hist = History()
+    state = p.fed.algorithm.init(p.fed.task)
+    for r in range(1, p.engine.settings.rounds + 1):
+        state, record = run_round(grid, p, nodes, state, r)
+        hist.records.append(record)
+        flog(logging.INFO, "kdfl round %d: %s", r, _brief(record))
+        if run_dir is not None:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if on_round is not None:
+            on_round(record)
+    hist.state = state
+    hist.summary = summarize(hist.records, p.engine.settings.target_accuracy)
+    if run_dir is not None:
+        (run_dir / "summary.json").write_text(json.dumps(hist.summary, indent=2) + "\n")
+        torch.save(state.params, run_dir / "params.pt")
+    return hist
+
+
+def _brief(record: Mapping[str, Any]) -> str:
+    keys = ("accuracy", "train_loss", "uplink_bytes_per_client", "downlink_bytes_per_client", "rejected", "failed")
+    return " ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
+                    for k in keys if k in record)
+
+
+def make_server_app(
+    config: str | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    base_dir: str | Path | None = None,
+    on_finish: Callable[[History], None] | None = None,
+) -> ServerApp:
+    """A ServerApp for a kdfl config.
+
+    Args:
+        config: a TOML path, TOML text or config dict; None reads ``kdfl-config`` from the
+            Flower run config (``flwr run`` fills it from ``[tool.flwr.app.config]``).
+        overrides: ``section.key=value`` overrides, applied after those in ``kdfl-set``.
+        out: run directory; None reads ``kdfl-out`` from the run config ("" = none).
+        base_dir: where relative config paths are also looked up (the app's directory).
+        on_finish: called with the run's History (in-process use: tests, benchmarks).
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        rc = context.run_config
+        source = config if config is not None else rc.get(CONFIG_KEY)
+        if source is None or source == "":
+            raise KdflError(f"no kdfl config: set '{CONFIG_KEY}' in [tool.flwr.app.config] (a TOML path or text) "
+                            f"or pass --run-config \"{CONFIG_KEY}='configs/x.toml'\"")
+        sets = split_overrides(str(rc.get(OVERRIDES_KEY, ""))) + list(overrides)
+        cfg = load_config(source if isinstance(source, Mapping) else str(source), sets,
+                          [b for b in (base_dir,) if b is not None])
+        run_dir = out if out is not None else (str(rc.get(OUT_KEY, "")) or None)
+        wait_s = float(rc.get("kdfl-wait-s", 120.0))
+        hist = run(grid, cfg, run_dir, wait_s)
+        flog(logging.INFO, "kdfl summary: %s", json.dumps(hist.summary))
+        if on_finish is not None:
+            on_finish(hist)
+
+    return app
+
+
+app = make_server_app()
+
+__all__ = ["app", "discover", "make_server_app", "run", "run_round"]

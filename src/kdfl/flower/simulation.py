@@ -1,0 +1,103 @@
+"""kdfl runs on Flower's simulation engine, from Python (``flwr run`` needs none of this).
+
+:func:`simulate` runs a whole kdfl config through ``flwr.simulation.run_simulation``: the
+ServerApp in this process, every client in a Ray actor (one CPU each). :func:`simulate_clients`
+runs only the client updates of one round (for ``benchmarks/speed.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kdfl.simulation.engine import History
+from kdfl.types import Algorithm, ClientUpdate, KdflError, Payload, Task
+
+log = logging.getLogger(__name__)
+
+
+def backend_config(num_cpus: int | None = None) -> dict[str, Any]:
+    """Ray backend: one CPU per client, ``num_cpus`` (default: all cores) in total."""
+    total = num_cpus or os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": total, "include_dashboard": False, "logging_level": logging.WARNING},
+    }
+
+
+def simulate(
+    config: str | Path | Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    num_cpus: int | None = None,
+) -> History:
+    """Run a kdfl config on Flower's simulation engine; returns the History (with ``state``)."""
+    from flwr.simulation import run_simulation
+
+    from kdfl.flower.client_app import make_client_app
+    from kdfl.flower.federation import load_config
+    from kdfl.flower.server_app import make_server_app
+
+    cfg = load_config(config, overrides)
+    result: list[History] = []
+    server = make_server_app(cfg, out=out or "", on_finish=result.append)
+    run_simulation(server, make_client_app(), num_supernodes=cfg["data"]["num_clients"],
+                   backend_config=backend_config(num_cpus))  # type: ignore[arg-type]
+    if not result:
+        raise KdflError("the Flower simulation ended without a result; see the Flower log above for the error")
+    return result[0]
+
+
+def simulate_clients(
+    algorithm: Algorithm, task: Task, jobs: Sequence[tuple[Any, Payload]], num_cpus: int | None = None,
+) -> list[ClientUpdate]:
+    """Run ``algorithm.client_update`` for ``jobs`` (client, downlink) on Flower's simulation
+    engine, one message per client, and return the updates in job order. Ray starts anew on
+    every call (that start-up is part of what Flower's simulation costs)."""
+    import pickle
+
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from kdfl.flower.records import payload_to_record, record_to_payload
+
+    blob = pickle.dumps((algorithm, task, [c for c, _ in jobs]))
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        import torch
+
+        torch.set_num_threads(1)
+        alg, t, clients = pickle.loads(blob)
+        i = int(msg.content["config"]["job"])
+        u = alg.client_update(t, record_to_payload(msg.content["payload"]), clients[i])
+        content = RecordDict({"payload": payload_to_record(u.payload),
+                              "config": ConfigRecord({"job": i, "num-examples": u.num_examples})})
+        return Message(content, reply_to=msg)
+
+    server_app = ServerApp()
+    out: dict[int, ClientUpdate] = {}
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        nodes = sorted(grid.get_node_ids())
+        msgs = [Message(RecordDict({"payload": payload_to_record(d), "config": ConfigRecord({"job": i})}),
+                        dst_node_id=nodes[i % len(nodes)], message_type=MessageType.TRAIN)
+                for i, (_, d) in enumerate(jobs)]
+        for r in grid.send_and_receive(msgs):
+            if r.has_error():
+                raise KdflError(f"a Flower client failed: {r.error.reason}")
+            i = int(r.content["config"]["job"])
+            out[i] = ClientUpdate(jobs[i][0].id, int(r.content["config"]["num-examples"]),
+                                  record_to_payload(r.content["payload"]))
+
+    run_simulation(server_app, client_app, num_supernodes=len(jobs), backend_config=backend_config(num_cpus))  # type: ignore[arg-type]
+    if len(out) != len(jobs):
+        raise KdflError(f"Flower's simulation returned {len(out)} of {len(jobs)} client updates")
+    return [out[i] for i in range(len(jobs))]
