@@ -31,13 +31,25 @@ def _run(job: Job) -> dict[str, Any]:
     return {
         "data": data, "method": method, "seed": seed, "summary": hist.summary,
         "curve": [(r["round"], r["accuracy"]) for r in evals], "seconds": time.perf_counter() - t0,
+        "overrides": list(overrides),
     }
 
 
 def run_jobs(jobs: Sequence[Job], workers: int, log_path: Path | None = None) -> list[dict[str, Any]]:
     """Run every job (in ``workers`` processes); results in job order, also appended as
-    JSON lines to ``log_path`` as they finish."""
+    JSON lines to ``log_path`` as they finish. Jobs already in ``log_path`` (same data,
+    method, seed and overrides) are not run again, so an interrupted benchmark continues."""
     results: list[dict[str, Any]] = []
+    done: dict[tuple[str, str, int, str], dict[str, Any]] = {}
+    if log_path is not None and log_path.exists():
+        for line in log_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["data"], r["method"], r["seed"], json.dumps(r.get("overrides")))] = r
+    key = lambda j: (j[0], j[1], j[2], json.dumps(list(j[3])))  # noqa: E731
+    results = [done[key(j)] for j in jobs if key(j) in done]
+    if results:
+        print(f"  reusing {len(results)} finished runs from {log_path}", file=sys.stderr, flush=True)
+    jobs = [j for j in jobs if key(j) not in done]
     ctx = None
     if workers > 1:
         import multiprocessing

@@ -36,15 +36,16 @@ METHODS = {
     "FedEMA-Distill trimmed": [*EMA, "algorithm.aggregator=trimmed_mean:beta=0.2"],
     "FedEMA-Distill median int8": [*EMA, "algorithm.aggregator=median", "compression.uplink=int8"],
 }
+DEFAULT_METHODS = [m for m in METHODS if not m.endswith("int8")]  # int8: run with --methods (cost)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="mnist1d,digits")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--epochs", type=int, default=2, help="local epochs (all methods)")
+    p.add_argument("--epochs", type=int, default=3, help="local epochs (all methods)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each)")
     p.add_argument("--set", action="append", default=[], help="extra override for every run")
     p.add_argument("--log", type=Path, default=None, help="append per-run results (JSON lines) here")

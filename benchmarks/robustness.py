@@ -39,11 +39,11 @@ METHODS = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist1d", choices=sorted(DATA))
+    p.add_argument("--dataset", default="digits", choices=sorted(DATA))
     p.add_argument("--fraction", type=float, default=0.2, help="fraction of malicious clients")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--attacks", default=",".join(ATTACKS))

@@ -151,3 +151,16 @@ def test_class_weighted_trimmed_mean_by_hand():
     torch.testing.assert_close(class_weighted_trimmed_mean(x, shares, 0.125), torch.tensor([[10.5 / 3]]))
     w = torch.tensor([[0.1], [0.2], [0.3], [0.4]], dtype=torch.float64)
     torch.testing.assert_close(class_weighted_trimmed_mean(x, w, 0.0), class_weighted_mean(x, w))
+
+
+def test_validate_checks_label_counts_when_class_weighting():
+    task, _ = tiny_task()
+    alg = FedEMADistill(class_weighting=True)
+    state = alg.init(task)
+    good = ClientUpdate(0, 1, {"logits": torch.zeros(4, 2), "label_counts": torch.tensor([3, 1])})
+    alg.validate(task, state, good)
+    for bad in ({"logits": torch.zeros(4, 2)},
+                {"logits": torch.zeros(4, 2), "label_counts": torch.tensor([3.0, 1.0])},
+                {"logits": torch.zeros(4, 2), "label_counts": torch.tensor([-1, 1])}):
+        with pytest.raises(PayloadError, match="label_counts"):
+            alg.validate(task, state, ClientUpdate(0, 1, bad))

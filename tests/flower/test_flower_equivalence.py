@@ -53,3 +53,26 @@ def test_one_flower_round_equals_one_simulator_round(algorithm):
     assert a["accuracy"] == b["accuracy"] and a["train_loss"] == b["train_loss"]
     # the simulator counts kdfl's wire format (small headers), Flower the array data bytes
     assert 0 < a["uplink_bytes"] - b["uplink_bytes"] < 200 * len(ref.state.params) + 400
+
+
+def _context(node_config):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_node_config_errors_are_clear():
+    from kdfl.flower.client_app import node_partition
+
+    with pytest.raises(KdflError, match="partition-id"):
+        node_partition(_context({"num-partitions": 3}))
+    with pytest.raises(KdflError, match="out of range"):
+        node_partition(_context({"partition-id": 3, "num-partitions": 3}))
+    assert node_partition(_context({"partition-id": "2", "num-partitions": 3})) == (2, 3)
+
+
+def test_omniscient_attack_is_refused():
+    from kdfl.flower.federation import prepare
+
+    with pytest.raises(KdflError, match="omniscient"):
+        prepare(load_config(CONFIG, ["attack.name=alie", "attack.fraction=0.34"]))

@@ -25,7 +25,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from kdfl.flower.federation import Prepared, prepare_text
-from kdfl.flower.records import STATE_KEY, load_client_state, payload_to_record, record_to_payload, save_client_state
+from kdfl.flower.records import (
+    STATE_KEY,
+    load_client_state,
+    payload_to_record,
+    record_to_payload,
+    save_client_state,
+)
 from kdfl.transport import pack, unpack
 from kdfl.types import KdflError
 
@@ -69,27 +75,27 @@ def query_partition(msg: Message, context: Context) -> Message:
 
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # several ClientApps share the machine's cores
-    conf = msg.content["config"]
+    conf = msg.content.config_records["config"]
     p = prepare_text(str(conf["kdfl-config"]))
     pid, n = node_partition(context)
     check_partition(pid, n, p)
-    cid, round_num = int(conf["client-id"]), int(conf["round"])
+    cid, round_num = int(conf["client-id"]), int(conf["round"])  # type: ignore[arg-type]
     if cid != pid:
         raise KdflError(f"the server addressed client {cid} but this node holds partition-id={pid}")
     task = p.fed.task
     stored = load_client_state(context.state.get(STATE_KEY))
     client = p.engine._client(cid, round_num, {cid: stored} if stored is not None else {})  # poisons labels
-    downlink = unpack(record_to_payload(msg.content["payload"]), p.downlink_codec)
+    downlink = unpack(record_to_payload(msg.content.array_records["payload"]), p.downlink_codec)
     update = p.fed.algorithm.client_update(task, downlink, client)
     if client.malicious and p.threat is not None:
         update = p.threat.tamper([update], [True], round_num, task)[0]  # own upload only
     if update.client_state is not None:
         context.state[STATE_KEY] = save_client_state(update.client_state)
-    metrics = {"num-examples": int(update.num_examples)}
+    metrics: dict[str, int | float] = {"num-examples": int(update.num_examples)}
     metrics.update({f"m.{k}": float(v) for k, v in update.metrics.items()})
     content = RecordDict({
         "payload": payload_to_record(pack(update.payload, p.uplink_codec)),
-        "metrics": MetricRecord(metrics),
+        "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
         "config": ConfigRecord({"client-id": cid, "round": round_num}),
     })
     return Message(content, reply_to=msg)

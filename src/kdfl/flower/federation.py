@@ -61,7 +61,10 @@ def load_config(
         return config_mod.load(found, overrides)
     for item in overrides:
         section, key, value = config_mod.parse_override(item)
-        raw.setdefault(section, {})[key] = value
+        raw.setdefault(section, {})
+        if key == "name" and section in ("partition", "algorithm", "attack") and raw[section].get("name") != value:
+            raw[section] = {}  # as kdfl.config.load: switching component drops the old component's options
+        raw[section][key] = value
     return config_mod.validate(raw)
 
 

@@ -37,7 +37,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from kdfl.config import Config
 from kdfl.flower.client_app import PARTITION_QUERY
-from kdfl.flower.federation import CONFIG_KEY, OUT_KEY, OVERRIDES_KEY, Prepared, load_config, prepare, split_overrides
+from kdfl.flower.federation import (
+    CONFIG_KEY,
+    OUT_KEY,
+    OVERRIDES_KEY,
+    Prepared,
+    load_config,
+    prepare,
+    split_overrides,
+)
 from kdfl.flower.records import nbytes, payload_to_record, record_to_payload
 from kdfl.simulation.engine import History, accept_upload, round_record, summarize
 from kdfl.simulation.sampling import dropouts, sample_clients
@@ -63,8 +71,8 @@ def discover(grid: Grid, p: Prepared, wait_s: float = 120.0) -> dict[int, int]:
         src = reply.metadata.src_node_id
         if reply.has_error():
             raise KdflError(f"node {src} could not report its partition: {reply.error.reason}")
-        m = reply.content["metrics"]
-        pid, k = int(m["partition-id"]), int(m["num-partitions"])
+        m = reply.content.metric_records["metrics"]
+        pid, k = int(m["partition-id"]), int(m["num-partitions"])  # type: ignore[arg-type]
         if k != n or not 0 <= pid < n:
             raise KdflError(f"node {src} has partition-id={pid} num-partitions={k}, but the kdfl config has "
                             f"data.num_clients={n}: partition ids must be 0..{n - 1}")
@@ -94,10 +102,10 @@ def run_round(
         payload = algorithm.configure(task, state, client)
         if id(payload) not in cache:
             cache[id(payload)] = (payload_to_record(pack(payload, p.downlink_codec)), payload)
-        record, _ = cache[id(payload)]
-        down_bytes.append(nbytes(record))
+        arrays, _ = cache[id(payload)]
+        down_bytes.append(nbytes(arrays))
         conf = ConfigRecord({"round": round_num, "client-id": cid, "kdfl-config": p.text})
-        msgs.append(Message(RecordDict({"payload": record, "config": conf}), dst_node_id=nodes[cid],
+        msgs.append(Message(RecordDict({"payload": arrays, "config": conf}), dst_node_id=nodes[cid],
                             message_type=MessageType.TRAIN, group_id=str(round_num)))
     replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
 
@@ -113,13 +121,13 @@ def run_round(
             log.warning("round %d: client %d failed and is excluded: %s", round_num, cid, why)
             failed.append(cid)
             continue
-        arrays = reply.content["payload"]
+        arrays = reply.content.array_records["payload"]
         up_bytes.append(nbytes(arrays))
         record_bytes.append(arrays.count_bytes())
-        m = reply.content["metrics"]
-        metrics = {k[2:]: float(v) for k, v in m.items() if k.startswith("m.")}
+        m = reply.content.metric_records["metrics"]
+        metrics = {k[2:]: float(v) for k, v in m.items() if k.startswith("m.")}  # type: ignore[arg-type]
         try:
-            update = ClientUpdate(cid, int(m["num-examples"]), {}, metrics)
+            update = ClientUpdate(cid, int(m["num-examples"]), {}, metrics)  # type: ignore[arg-type]
             received = accept_upload(algorithm, task, state,
                                      update, unpack(record_to_payload(arrays), p.uplink_codec))
         except PayloadError as e:

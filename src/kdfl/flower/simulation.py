@@ -75,8 +75,8 @@ def simulate_clients(
 
         torch.set_num_threads(1)
         alg, t, clients = pickle.loads(blob)
-        i = int(msg.content["config"]["job"])
-        u = alg.client_update(t, record_to_payload(msg.content["payload"]), clients[i])
+        i = int(msg.content.config_records["config"]["job"])  # type: ignore[arg-type]
+        u = alg.client_update(t, record_to_payload(msg.content.array_records["payload"]), clients[i])
         content = RecordDict({"payload": payload_to_record(u.payload),
                               "config": ConfigRecord({"job": i, "num-examples": u.num_examples})})
         return Message(content, reply_to=msg)
@@ -93,9 +93,10 @@ def simulate_clients(
         for r in grid.send_and_receive(msgs):
             if r.has_error():
                 raise KdflError(f"a Flower client failed: {r.error.reason}")
-            i = int(r.content["config"]["job"])
-            out[i] = ClientUpdate(jobs[i][0].id, int(r.content["config"]["num-examples"]),
-                                  record_to_payload(r.content["payload"]))
+            conf = r.content.config_records["config"]
+            i = int(conf["job"])  # type: ignore[arg-type]
+            out[i] = ClientUpdate(jobs[i][0].id, int(conf["num-examples"]),  # type: ignore[arg-type]
+                                  record_to_payload(r.content.array_records["payload"]))
 
     run_simulation(server_app, client_app, num_supernodes=len(jobs), backend_config=backend_config(num_cpus))  # type: ignore[arg-type]
     if len(out) != len(jobs):

@@ -32,6 +32,7 @@ from kdfl.models.compact import build_shufflenet
 from kdfl.models.mlp import build_mlp
 from kdfl.models.resnet import resnet_factory
 from kdfl.models.vgg import build_vgg9
+from kdfl.spec import parse_value
 from kdfl.types import KdflError
 
 FLAT, ONE_D, TWO_D = "flat", "1d", "2d"
@@ -99,18 +100,6 @@ def _kind(input_shape: tuple[int, ...]) -> str | None:
     return {1: FLAT, 2: ONE_D, 3: TWO_D}.get(len(input_shape))
 
 
-def _parse_value(text: str) -> int | float | bool | str:
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def parse_arch(arch: str) -> tuple[str, dict[str, Any]]:
     """Split an architecture string into a model name and options.
 
@@ -131,7 +120,7 @@ def parse_arch(arch: str) -> tuple[str, dict[str, Any]]:
             raise KdflError(
                 f"architecture {arch!r}: option {item!r} is not key=value; expected e.g. '{name}:width=32'"
             )
-        options[key.strip()] = _parse_value(value)
+        options[key.strip()] = parse_value(value)
     return name, options
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -113,7 +113,7 @@ def round_record(
     settings: RunSettings,
     *,
     sampled: Sequence[int],
-    dropped: Sequence[int],
+    dropped: Iterable[int],
     failed: Sequence[int],
     rejected: Sequence[int],
     active: Sequence[int],
