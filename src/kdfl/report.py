@@ -80,6 +80,11 @@ def report(runs: list[Path], out: Path | None = None) -> list[Path]:
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         paths.append(out / name)
-    (out / "summary.md").write_text(summary_table(runs))
+    text = summary_table(runs)
+    for run in runs:  # the per-client label counts, so skew is visible next to the results
+        part = run / "partition.txt"
+        if part.exists():
+            text += f"\n### Partition of {_label(run)} (label counts per client)\n\n```\n{part.read_text().rstrip()}\n```\n"
+    (out / "summary.md").write_text(text)
     paths.append(out / "summary.md")
     return paths

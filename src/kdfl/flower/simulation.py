@@ -86,7 +86,15 @@ def simulate_clients(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        import time
+
+        deadline = time.monotonic() + 120
         nodes = sorted(grid.get_node_ids())
+        while len(nodes) < len(jobs) and time.monotonic() < deadline:  # nodes register asynchronously
+            time.sleep(0.1)
+            nodes = sorted(grid.get_node_ids())
+        if not nodes:
+            raise KdflError("Flower's simulation engine started no SuperNode")
         msgs = [Message(RecordDict({"payload": payload_to_record(d), "config": ConfigRecord({"job": i})}),
                         dst_node_id=nodes[i % len(nodes)], message_type=MessageType.TRAIN)
                 for i, (_, d) in enumerate(jobs)]
