@@ -20,7 +20,13 @@ log = logging.getLogger(__name__)
 
 
 def backend_config(num_cpus: int | None = None) -> dict[str, Any]:
-    """Ray backend: one CPU per client, ``num_cpus`` (default: all cores) in total."""
+    """Ray backend: one CPU per client, ``num_cpus`` (default: all cores) in total.
+
+    Ray starts its API server even without the dashboard and waits up to 60 s for it; on a
+    busy 2-core machine that wait was the whole cost of a run, and nothing here needs the
+    server, so the wait is capped (``RAY_DASHBOARD_STARTUP_TIMEOUT_S``, overridable).
+    """
+    os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "10")
     total = num_cpus or os.cpu_count() or 1
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
