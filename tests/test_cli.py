@@ -192,8 +192,10 @@ def test_report_writes_plots_and_table(run_dirs, tmp_path, capsys):
     for name in ("accuracy_vs_round.png", "accuracy_vs_uplink.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
-    table = (out / "summary.md").read_text().strip().splitlines()
+    text = (out / "summary.md").read_text()
+    table = text.split("\n\n")[0].strip().splitlines()  # the table, then one label table per run
     assert table[0].startswith("| run |") and len(table) == 2 + 2
+    assert "### Partition of fedavg" in text and "### Partition of fedprox" in text
     assert table[2].startswith("| fedavg |") and table[3].startswith("| fedprox |")
     assert "| 2 |" in table[2]
 
