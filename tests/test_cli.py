@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from kdfl import cli, config
 
@@ -23,14 +22,6 @@ SUMMARY_KEYS = {
     "uplink_bytes_per_client_round", "downlink_bytes_per_client_round", "wall_seconds",
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is fastest, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def kdfl(*args: str) -> int:

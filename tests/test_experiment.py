@@ -17,14 +17,6 @@ ROOT = Path(__file__).parents[1]
 TINY = ["data.num_clients=5", "model.arch=mlp", "local.batch_size=32", "local.momentum=0.9"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is fastest, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_assign_archs_round_robin_and_blocks():
     assert experiment.assign_archs(4, "mlp", [], "round_robin") == ["mlp"] * 4

@@ -34,13 +34,6 @@ SIZES = [7, 13, 20, 3, 16, 16, 1, 0, 9]  # unequal, ragged last batches, one emp
 LOCAL = LocalSGD(epochs=2, batch_size=5, lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def make_task(archs: list[str], sizes: list[int], shape: tuple[int, ...] = (1, 8, 8), classes: int = 5,
               seed: int = 0) -> tuple[Task, list[Client]]:
