@@ -89,7 +89,7 @@ def local_train(
         batch = Batch(data.x[idx].to(device), data.y[idx].to(device), idx)
         loss = loss_fn(model(batch.x), batch, params)
         if not torch.isfinite(loss):
-            raise KdflError(f"local training diverged (loss={float(loss)} at step {steps}): lower local.lr")
+            raise KdflError(f"local training diverged (loss={float(loss.detach())} at step {steps}): lower local.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
