@@ -41,24 +41,16 @@ def descendants(pid: int) -> list[int]:
 def kill_tree(proc: subprocess.Popen) -> None:
     """Kill ``proc`` and every process it started, by PID."""
     pids = descendants(proc.pid) + [proc.pid]
-    for pid in pids:
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):  # polite first, then certain
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
             pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def wait_port(port: int, proc: subprocess.Popen, deadline: float) -> None:

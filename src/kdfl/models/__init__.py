@@ -31,7 +31,7 @@ from kdfl.models.cnn import build_cnn
 from kdfl.models.compact import build_shufflenet
 from kdfl.models.mlp import build_mlp
 from kdfl.models.resnet import resnet_factory
-from kdfl.models.vgg import build_vgg9
+from kdfl.models.vgg import VGG9
 from kdfl.spec import parse_value
 from kdfl.types import KdflError
 
@@ -82,7 +82,7 @@ MODELS: dict[str, ModelSpec] = {
         for depth in (8, 20, 32)
     },
     "vgg9": ModelSpec(
-        build_vgg9,
+        VGG9,  # the class is its own factory: VGG9(input_shape, num_classes, **options)
         "VGG-9 without normalisation (FedMA/FedDF), 6 convs + 3 FC",
         {"width": 32, "hidden": 512, "pool": 4, "dropout": 0.0},
         (TWO_D,),

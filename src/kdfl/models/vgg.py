@@ -69,15 +69,3 @@ class VGG9(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, H, W) -> (B, C) logits."""
         return self.classifier(self.avgpool(self.features(x)))
-
-
-def build_vgg9(
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    width: int = 32,
-    hidden: int = 512,
-    pool: int = 4,
-    dropout: float = 0.0,
-) -> VGG9:
-    """Factory for the ``vgg9`` registry entry."""
-    return VGG9(input_shape, num_classes, width=width, hidden=hidden, pool=pool, dropout=dropout)
