@@ -10,6 +10,7 @@ together, and call ``finish`` for each, with the same result.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -43,7 +44,11 @@ class LocalTraining(Protocol):
 def local_update(alg: LocalTraining, task: Task, downlink: Payload, client: Client) -> ClientUpdate:
     """The reference client step: prepare, train with :func:`local_train`, finish."""
     job = alg.prepare(task, downlink, client)
-    model = task.new_model(job.arch)
+    model = task.borrow_model(job.arch)
     model.load_state_dict(job.weights)
     stats = local_train(model, client.data, job.local, job.loss, client.generator())
-    return alg.finish(task, downlink, client, model, stats)
+    before = sys.getrefcount(model)
+    update = alg.finish(task, downlink, client, model, stats)
+    if sys.getrefcount(model) == before:  # finish kept no reference: the model can be reused
+        task.return_model(job.arch, model)
+    return update

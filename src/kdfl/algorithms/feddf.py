@@ -28,6 +28,7 @@ from kdfl.algorithms.fedavg import (
     delta_update,
     deltas_of,
     init_params,
+    stacked_delta_updates,
 )
 from kdfl.distill import DistillSettings, distill, ensemble_logits
 from kdfl.losses import cross_entropy
@@ -122,6 +123,10 @@ class FedDF:
 
     def finish(self, task, downlink, client, model, stats) -> ClientUpdate:  # type: ignore[no-untyped-def]
         return delta_update(client, downlink, model, stats)
+
+    def finish_stacked(self, task: Task, jobs: Sequence[tuple[Client, Payload]], state: StateDict,
+                       stats: Sequence[dict[str, float]]) -> list[ClientUpdate]:
+        return stacked_delta_updates(jobs, state, stats)
 
     def client_update(self, task: Task, downlink: Payload, client: Client) -> ClientUpdate:
         return local_update(self, task, downlink, client)

@@ -2,7 +2,7 @@
 
 :func:`simulate` runs a whole kdfl config through ``flwr.simulation.run_simulation``: the
 ServerApp in this process, every client in a Ray actor (one CPU each). :func:`simulate_clients`
-runs only the client updates of one round (for ``benchmarks/speed.py``).
+runs only the client updates of some rounds and times them (for ``benchmarks/speed.py``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,53 @@ def simulate(
     return result[0]
 
 
+@dataclass
+class FlowerRounds:
+    """What :func:`simulate_clients` measured on Flower's simulation engine.
+
+    ``updates``: the client updates of the last round, in job order. ``round_s``: wall
+    seconds of each round as the ServerApp saw it (building the messages, sending them to
+    every SuperNode, training in the Ray actors, receiving and decoding the replies).
+    ``startup_s``: from the call until the first round could start (Ray, the SuperNodes,
+    the ServerApp); ``total_s``: the whole call, shutdown included.
+    """
+
+    updates: list[ClientUpdate]
+    round_s: list[float]
+    startup_s: float
+    total_s: float
+
+
+_BLOBS: dict[str, Any] = {}  # token -> (algorithm, task, clients), unpickled once per actor process
+
+
+def _unpack(token: str, blob: bytes) -> Any:
+    if token not in _BLOBS:
+        import pickle
+
+        import torch
+
+        torch.set_num_threads(1)  # one CPU per actor (client_resources)
+        _BLOBS.clear()
+        _BLOBS[token] = pickle.loads(blob)
+    return _BLOBS[token]
+
+
 def simulate_clients(
-    algorithm: Algorithm, task: Task, jobs: Sequence[tuple[Any, Payload]], num_cpus: int | None = None,
-) -> list[ClientUpdate]:
+    algorithm: Algorithm, task: Task, jobs: Sequence[tuple[Any, Payload]], rounds: int = 1,
+    num_cpus: int | None = None,
+) -> FlowerRounds:
     """Run ``algorithm.client_update`` for ``jobs`` (client, downlink) on Flower's simulation
-    engine, one message per client, and return the updates in job order. Ray starts anew on
-    every call (that start-up is part of what Flower's simulation costs)."""
+    engine for ``rounds`` rounds: one SuperNode per job, one TRAIN message per SuperNode and
+    round (the downlink as an ArrayRecord), the replies decoded into ClientUpdates.
+
+    Each Ray actor unpickles the task and the clients once (as a Flower app would load its
+    partition once per process), so the rounds measure Flower's per-message path and the
+    training, not data loading. Ray starts anew on every call (``startup_s``).
+    """
     import pickle
+    import time
+    import uuid
 
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.clientapp import ClientApp
@@ -72,15 +113,15 @@ def simulate_clients(
 
     from kdfl.flower.records import payload_to_record, record_to_payload
 
-    blob = pickle.dumps((algorithm, task, [c for c, _ in jobs]))
+    if rounds < 1:
+        raise KdflError(f"simulate_clients needs rounds >= 1; got {rounds}")
+    t0 = time.perf_counter()
+    token, blob = uuid.uuid4().hex, pickle.dumps((algorithm, task, [c for c, _ in jobs]))
     client_app = ClientApp()
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        import torch
-
-        torch.set_num_threads(1)
-        alg, t, clients = pickle.loads(blob)
+        alg, t, clients = _unpack(token, blob)
         i = int(msg.content.config_records["config"]["job"])  # type: ignore[arg-type]
         u = alg.client_update(t, record_to_payload(msg.content.array_records["payload"]), clients[i])
         content = RecordDict({"payload": payload_to_record(u.payload),
@@ -89,11 +130,11 @@ def simulate_clients(
 
     server_app = ServerApp()
     out: dict[int, ClientUpdate] = {}
+    round_s: list[float] = []
+    started: list[float] = []
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        import time
-
         deadline = time.monotonic() + 120
         nodes = sorted(grid.get_node_ids())
         while len(nodes) < len(jobs) and time.monotonic() < deadline:  # nodes register asynchronously
@@ -101,18 +142,24 @@ def simulate_clients(
             nodes = sorted(grid.get_node_ids())
         if not nodes:
             raise KdflError("Flower's simulation engine started no SuperNode")
-        msgs = [Message(RecordDict({"payload": payload_to_record(d), "config": ConfigRecord({"job": i})}),
-                        dst_node_id=nodes[i % len(nodes)], message_type=MessageType.TRAIN)
-                for i, (_, d) in enumerate(jobs)]
-        for r in grid.send_and_receive(msgs):
-            if r.has_error():
-                raise KdflError(f"a Flower client failed: {r.error.reason}")
-            conf = r.content.config_records["config"]
-            i = int(conf["job"])  # type: ignore[arg-type]
-            out[i] = ClientUpdate(jobs[i][0].id, int(conf["num-examples"]),  # type: ignore[arg-type]
-                                  record_to_payload(r.content.array_records["payload"]))
+        started.append(time.perf_counter())
+        for _ in range(rounds):
+            t = time.perf_counter()
+            out.clear()
+            msgs = [Message(RecordDict({"payload": payload_to_record(d), "config": ConfigRecord({"job": i})}),
+                            dst_node_id=nodes[i % len(nodes)], message_type=MessageType.TRAIN)
+                    for i, (_, d) in enumerate(jobs)]
+            for r in grid.send_and_receive(msgs):
+                if r.has_error():
+                    raise KdflError(f"a Flower client failed: {r.error.reason}")
+                conf = r.content.config_records["config"]
+                i = int(conf["job"])  # type: ignore[arg-type]
+                out[i] = ClientUpdate(jobs[i][0].id, int(conf["num-examples"]),  # type: ignore[arg-type]
+                                      record_to_payload(r.content.array_records["payload"]))
+            round_s.append(time.perf_counter() - t)
 
     run_simulation(server_app, client_app, num_supernodes=len(jobs), backend_config=backend_config(num_cpus))  # type: ignore[arg-type]
-    if len(out) != len(jobs):
-        raise KdflError(f"Flower's simulation returned {len(out)} of {len(jobs)} client updates")
-    return [out[i] for i in range(len(jobs))]
+    if len(out) != len(jobs) or len(round_s) != rounds:
+        raise KdflError(f"Flower's simulation returned {len(out)} of {len(jobs)} client updates after "
+                        f"{len(round_s)} of {rounds} rounds; see the Flower log above for the error")
+    return FlowerRounds([out[i] for i in range(len(jobs))], round_s, started[0] - t0, time.perf_counter() - t0)

@@ -131,6 +131,18 @@ class _Item:
     batches: list[Tensor] = field(default_factory=list)
 
 
+def _stacked_finish(algorithm: Algorithm) -> Callable[..., list[Any]] | None:
+    """``algorithm.finish_stacked`` when it stands for the algorithm's ``finish``: defined
+    by the class that defines ``finish`` or by a subclass of it (a subclass that overrides
+    only ``finish`` must not be bypassed)."""
+    mro = type(algorithm).__mro__
+    owner = next((c for c in mro if "finish_stacked" in c.__dict__), None)
+    finish_owner = next((c for c in mro if "finish" in c.__dict__), None)
+    if owner is None or finish_owner is None or not issubclass(owner, finish_owner):
+        return None
+    return algorithm.finish_stacked  # type: ignore[attr-defined, no-any-return]
+
+
 def _model_issue(model: nn.Module) -> str | None:
     for name, m in model.named_modules():
         if isinstance(m, (nn.modules.dropout._DropoutNd, nn.AlphaDropout)) and m.p > 0:
@@ -177,6 +189,7 @@ class Vectorized:
     def __init__(self, max_memory_mb: float = 1024, max_chunk: int = 512, min_group: int = 2) -> None:
         self.max_memory_mb, self.max_chunk, self.min_group = max_memory_mb, max_chunk, min_group
         self._broken: dict[str, str] = {}  # arch -> why batching it failed (skip it next time)
+        self._decomposable_by_key: dict[Any, bool] = {}  # group key -> padding check result
         self.batched = 0  # clients of the last run() that were trained batched (the rest sequentially)
 
     # -- public ---------------------------------------------------------------------------
@@ -204,8 +217,8 @@ class Vectorized:
             wkey = tuple((k, tuple(v.shape), v.dtype) for k, v in job.weights.items())
             key = (job.arch, job.local, loss_key, wkey)
             groups.setdefault(key, []).append(_Item(pos, client, downlink, job, leaves))
-        for items in groups.values():
-            for pos, res in self._run_group(algorithm, task, items).items():
+        for key, items in groups.items():
+            for pos, res in self._run_group(algorithm, task, items, key).items():
                 results[pos] = res
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
@@ -221,7 +234,7 @@ class Vectorized:
     def _sequential(self, algorithm: Algorithm, task: Task, items: Sequence[_Item]) -> dict[int, Result]:
         return {it.pos: run_one(algorithm, task, it.client, it.downlink) for it in items}
 
-    def _run_group(self, algorithm: Algorithm, task: Task, items: list[_Item]) -> dict[int, Result]:
+    def _run_group(self, algorithm: Algorithm, task: Task, items: list[_Item], key: Any = None) -> dict[int, Result]:
         if len(items) < self.min_group:
             return self._sequential(algorithm, task, items)
         lead = items[0].job
@@ -236,7 +249,11 @@ class Vectorized:
         # bucket by data size when padding is not allowed (BatchNorm, non-decomposable losses)
         ragged = len({len(b) for it in items for b in it.batches}) > 1
         bucket = _has_batchnorm(template)
-        if ragged and not bucket and not self._decomposable(template, items[0]):
+        if ragged and not bucket and key is not None and key not in self._decomposable_by_key:
+            if len(self._decomposable_by_key) > 256:  # keys of opaque loss parts hold object ids
+                self._decomposable_by_key.clear()
+            self._decomposable_by_key[key] = self._decomposable(template, items[0])  # once per form of job
+        if ragged and not bucket and not self._decomposable_by_key.get(key, False):
             log.debug("vectorized: the loss of %s is not a batch mean of per-sample terms; bucketing", lead.arch)
             bucket = True
         if bucket:
@@ -415,7 +432,26 @@ class Vectorized:
             finite[:m] &= torch.isfinite(lv).cpu()
         totals_l, finite_l = totals.tolist(), finite.tolist()
         out: dict[int, Result] = {}
+        stats = [{"train_loss": totals_l[i] / max(len(it.batches), 1), "steps": float(len(it.batches))}
+                 for i, it in enumerate(items)]
+        stacked = _stacked_finish(algorithm)
+        if stacked is not None:
+            ok = [i for i in range(k) if finite_l[i]]
+            rows = state if len(ok) == k else {n: v[ok] for n, v in state.items()}
+            try:
+                updates = stacked(task, [(items[i].client, items[i].downlink) for i in ok], rows,
+                                  [stats[i] for i in ok])
+            except Exception as e:  # fall back to one finish per client, which fails (or not) on its own
+                log.debug("vectorized: %s.finish_stacked failed (%s: %s); finishing client by client",
+                          type(algorithm).__name__, type(e).__name__, e)
+            else:
+                out.update({items[i].pos: u for i, u in zip(ok, updates, strict=True)})
+                for i in range(k):
+                    if not finite_l[i]:  # diverged: the sequential run raises the same error at the same step
+                        out[items[i].pos] = run_one(algorithm, task, items[i].client, items[i].downlink)
+                return out
         model = copy.deepcopy(template)
+        model.train()
         targets = model.state_dict(keep_vars=True)
         for i, it in enumerate(items):
             if not finite_l[i]:  # diverged: the sequential run raises the same error at the same step
@@ -424,16 +460,16 @@ class Vectorized:
             with torch.no_grad():
                 for name, value in state.items():
                     targets[name].copy_(value[i])
-            steps = len(it.batches)
-            stats = {"train_loss": totals_l[i] / max(steps, 1), "steps": float(steps)}
-            model.train()
+            if not model.training:  # as after local_train (a finish may have switched to eval)
+                model.train()
             before = sys.getrefcount(model)
             try:
                 out[it.pos] = algorithm.finish(  # type: ignore[attr-defined]  # LocalTraining, checked in prepare
-                    task, it.downlink, it.client, model, stats)
+                    task, it.downlink, it.client, model, stats[i])
             except Exception:
                 out[it.pos] = run_one(algorithm, task, it.client, it.downlink)
             if sys.getrefcount(model) != before:  # finish kept the model: give the next client its own
                 model = copy.deepcopy(template)
+                model.train()
                 targets = model.state_dict(keep_vars=True)
         return out
