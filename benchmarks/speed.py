@@ -12,12 +12,19 @@ convs on 8x8) and the mnist1d CNN (1-D convs) -- it measures, in one run on one 
   (f) ``flower``      Flower's simulation engine running the same clients (when ``flwr``
                       is installed; skipped with a message otherwise).
 
-Reported per row: client updates per second (median over the timed repeats, after one
-untimed warm-up round that also pays any pool start-up, shown as ``warmup_s``), the
-ratio against (a), the achieved training GFLOP/s (3 x forward FLOPs x samples trained)
-and its share of the dense float32 matmul GFLOP/s measured at the start of the run, and
-the peak resident memory of the benchmark process plus its worker processes during the
-timed rounds. The last line printed is a JSON object with the ratios against (a).
+Reported per row: client updates per second (median of the timed rounds), the ratio
+against (a) (the median of per-round ratios: the in-process runners are timed
+interleaved, round 1 of each, then round 2, ..., so a slow spell of the shared machine
+hits all of them), the achieved training GFLOP/s (3 x forward FLOPs x samples trained)
+and its share of the dense float32 matmul GFLOP/s measured at the start of the run, the
+peak resident memory of the benchmark process and all its descendants (pool workers,
+Ray) during the timed rounds, and the warm-up: one untimed round, or for ``auto`` the
+rounds until its choice has settled (it may start and try a process pool), or for
+Flower the Ray start-up plus the first round. Flower runs as its own simulation (one
+SuperNode per client, 2 Ray actors of one CPU each) after the in-process runners, so
+its ratio is against the loop's median round. Then the goals of the issue are checked
+against the measured numbers, and the last line printed is a JSON object with the
+ratios.
 
     python benchmarks/speed.py            # K = 10, 100, 1000
     python benchmarks/speed.py --clients 100
@@ -63,18 +70,24 @@ def _rss_mb(pid: int | str = "self") -> float:
         return 0.0
 
 
-def _children() -> list[str]:
+def _children(pid: int | str = "self") -> list[str]:
+    """All descendants (workers of a pool, Ray's raylet and its workers, ...)."""
     out = []
-    for task in Path("/proc/self/task").glob("*"):
+    for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            out += (task / "children").read_text().split()
+            kids = (task / "children").read_text().split()
         except OSError:
-            pass
+            continue
+        for kid in kids:
+            out += [kid, *_children(kid)]
     return out
 
 
 class PeakMemory:
-    """Peak RSS (MB) of this process plus its children, sampled every 5 ms."""
+    """Peak RSS (MB) of this process plus its descendants (except ``exclude``), sampled every 5 ms."""
+
+    def __init__(self, exclude: set[str] | frozenset[str] = frozenset()) -> None:
+        self.exclude = exclude
 
     def __enter__(self) -> PeakMemory:
         self.peak, self._stop = 0.0, threading.Event()
@@ -84,7 +97,7 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb() + sum(_rss_mb(p) for p in _children()))
+            self.peak = max(self.peak, _rss_mb() + sum(_rss_mb(p) for p in _children() if p not in self.exclude))
             self._stop.wait(0.005)
 
     def __exit__(self, *exc: object) -> None:
@@ -156,85 +169,119 @@ def plain_loop(task: Task, clients: list[Client], weights: dict) -> list[dict]:
     return out
 
 
-def flower_runner():
+class Runner:
+    """One way of running a round of ``clients``: ``step()`` runs it, ``settled()`` says
+    whether its warm-up is over (``auto`` tries a process pool in the first rounds)."""
+
+    def __init__(self, name: str, task: Task, clients: list[Client], weights: dict) -> None:
+        self.name, self.executor = name, None
+        alg, jobs = FedAvg(local=LOCAL), [(c, weights) for c in clients]
+        if name == "loop":
+            self.step = lambda: plain_loop(task, clients, weights)
+        else:
+            self.executor = make_executor(name)
+            self.step = lambda: self.executor.run(alg, task, jobs)
+
+    def settled(self) -> bool:
+        return bool(getattr(self.executor, "settled", True))
+
+    def pids(self) -> set[str]:
+        """This runner's worker processes and their descendants (to keep them out of the
+        other runners' memory figures)."""
+        pool = self.executor if hasattr(self.executor, "_pool") else getattr(self.executor, "parallel", None)
+        procs = getattr(getattr(pool, "_pool", None), "_processes", None) or {}
+        return {d for p in procs for d in (str(p), *_children(p))}
+
+    def close(self) -> None:
+        if self.executor is not None and hasattr(self.executor, "close"):
+            self.executor.close()
+
+
+def measure_in_process(names: list[str], task: Task, clients: list[Client], weights: dict, reps: int,
+                       warmup_cap_s: float = 60.0) -> dict[str, dict]:
+    """Warm every runner up (one round; ``auto`` until it has settled, at most
+    ``warmup_cap_s``), then time ``reps`` rounds of each, interleaved (rep 1 of every
+    runner, then rep 2, ...) so that a slow spell of the shared machine hits them all;
+    each runner's ratio to the loop is the median of its per-rep ratios."""
+    runners = [Runner(n, task, clients, weights) for n in names]
+    out: dict[str, dict] = {}
     try:
-        import flwr  # noqa: F401
-    except ImportError:
-        return None
-    try:
-        from kdfl.flower import simulate_clients  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return simulate_clients
-
-
-def measure(name: str, task: Task, clients: list[Client], weights: dict, reps: int) -> dict:
-    alg = FedAvg(local=LOCAL)
-    jobs = [(c, weights) for c in clients]
-    executor = None
-    if name == "loop":
-        def fn() -> object:
-            return plain_loop(task, clients, weights)
-    elif name == "flower":
-        runner = flower_runner()
-        if runner is None:
-            return {"skipped": "flwr is not installed (pip install 'kdfl[flower]') or kdfl.flower has no "
-                               "simulate_clients; Flower's simulation engine was not measured"}
-
-        def fn() -> object:
-            return runner(alg, task, jobs)
-    else:
-        executor = make_executor(name)
-
-        def fn() -> object:
-            return executor.run(alg, task, jobs)
-    t = time.perf_counter()
-    fn()
-    warmup = time.perf_counter() - t
-    times = []
-    with PeakMemory() as mem:
-        for _ in range(reps):
+        for r in runners:
             t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-            if sum(times) > 20:  # enough signal; keep the whole run to minutes
-                break
-    if executor is not None and hasattr(executor, "close"):
-        executor.close()
-    sec = statistics.median(times)
-    return {"sec": sec, "updates_per_s": len(clients) / sec, "warmup_s": warmup, "peak_mb": mem.peak,
-            "reps": len(times)}
+            r.step()
+            while not r.settled() and time.perf_counter() - t < warmup_cap_s:
+                r.step()
+            out[r.name] = {"warmup_s": time.perf_counter() - t, "times": [], "peak_mb": 0.0,
+                           "choice": getattr(r.executor, "mode", None)}
+        for _ in range(reps):
+            for r in runners:
+                others = set().union(*(o.pids() for o in runners if o is not r))
+                with PeakMemory(exclude=others) as mem:
+                    t = time.perf_counter()
+                    r.step()
+                    out[r.name]["times"].append(time.perf_counter() - t)
+                out[r.name]["peak_mb"] = max(out[r.name]["peak_mb"], mem.peak)
+    finally:
+        for r in runners:
+            r.close()
+    loop = out.get("loop", {}).get("times")
+    for name, r in out.items():
+        r["sec"] = statistics.median(r["times"])
+        r["ratio"] = statistics.median(a / b for a, b in zip(loop, r["times"], strict=True)) if loop else float("nan")
+    return out
+
+
+def measure_flower(task: Task, clients: list[Client], weights: dict, reps: int) -> dict:
+    """Flower's simulation engine: one run of ``1 + reps`` rounds; the first (Ray's start,
+    the actors' start and their first unpickling of the task) is the warm-up."""
+    try:
+        from kdfl.flower import simulate_clients
+    except ImportError as e:
+        return {"skipped": f"Flower is not installed ({e}); pip install 'kdfl[flower]' -c constraints.txt "
+                           "to measure its simulation engine"}
+    alg, jobs = FedAvg(local=LOCAL), [(c, weights) for c in clients]
+    with PeakMemory() as mem:
+        run = simulate_clients(alg, task, jobs, rounds=1 + reps)
+    timed = run.round_s[1:]
+    return {"sec": statistics.median(timed), "times": timed, "warmup_s": run.startup_s + run.round_s[0],
+            "peak_mb": mem.peak, "total_s": run.total_s}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="*", default=None, help="K values (default 10 100 1000)")
     ap.add_argument("--quick", action="store_true", help="smoke run: K = 10, 50; one timed repeat")
-    ap.add_argument("--reps", type=int, default=3, help="timed repeats per measurement (median)")
+    ap.add_argument("--reps", type=int, default=3, help="timed rounds per runner (interleaved; median)")
+    ap.add_argument("--flower-reps", type=int, default=2, help="timed rounds on Flower's simulation engine")
     ap.add_argument("--models", nargs="*", default=[m[0] for m in MODELS], choices=[m[0] for m in MODELS])
     ap.add_argument("--executors", nargs="*", default=EXECUTORS, choices=EXECUTORS)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads of this process (default 1: for these tiny models more threads "
                          "only add synchronisation, and on a shared machine 2 threads made the loop ~70x slower)")
     args = ap.parse_args()
+    if "loop" not in args.executors:
+        args.executors = ["loop", *args.executors]  # the reference of every ratio
     peak_all = matmul_gflops()  # every core, torch's default threading
     torch.set_num_threads(args.threads)
     ks = args.clients or ([10, 50] if args.quick else [10, 100, 1000])
     reps = 1 if args.quick else args.reps
+    flower_reps = 1 if args.quick else args.flower_reps
 
     load1 = os.getloadavg()[0]
     peak1 = matmul_gflops()
-    peak = peak_all
     print(f"# machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s) "
           f"in this process; load average {load1:.2f} at start (other jobs share the machine when > 0.5)")
     print(f"# dense float32 matmul (1024x1024): {peak_all:.1f} GFLOP/s on all cores, {peak1:.1f} GFLOP/s on one "
           "thread; %peak below is against the all-core figure")
     print(f"# local training: {LOCAL}; iid partition of the train pool over K clients; FedAvg, plain CE")
+    print(f"# in-process runners: warm-up, then {reps} timed rounds each, interleaved; x loop = median of per-round "
+          f"ratios. flower: its own run, 1 warm-up + {flower_reps} timed rounds, x loop against the loop's median")
     header = f"{'model':12s} {'K':>5s} {'executor':11s} {'upd/s':>9s} {'x loop':>7s} {'GFLOP/s':>8s} " \
-             f"{'%peak':>6s} {'peak MB':>8s} {'warmup s':>8s}"
+             f"{'%peak':>6s} {'peak MB':>8s} {'warmup s':>8s}  note"
     print(header)
     print("-" * len(header))
     ratios: dict[str, dict[str, dict[str, float]]] = {}
+    vs_flower: dict[str, dict[str, float]] = {}
     for label, dataset, arch in MODELS:
         if label not in args.models:
             continue
@@ -242,21 +289,44 @@ def main() -> None:
             task, clients, weights = setup(dataset, arch, k)
             samples = sum(len(c.data) for c in clients) * LOCAL.epochs
             flops = 3 * forward_flops(task.new_model(arch), task.input_shape) * samples
-            base = None
+            names = [n for n in args.executors if n != "flower"]
+            res = measure_in_process(names, task, clients, weights, reps)
+            if "flower" in args.executors:
+                res["flower"] = measure_flower(task, clients, weights, flower_reps)
+                if "sec" in res["flower"]:
+                    res["flower"]["ratio"] = res["loop"]["sec"] / res["flower"]["sec"]
             for name in args.executors:
-                r = measure(name, task, clients, weights, reps)
+                r = res[name]
                 if "skipped" in r:
                     print(f"{label:12s} {k:5d} {name:11s} skipped: {r['skipped']}")
                     continue
-                if name == "loop":
-                    base = r["updates_per_s"]
-                ratio = r["updates_per_s"] / base if base else float("nan")
                 gf = flops / r["sec"] / 1e9
-                ratios.setdefault(label, {}).setdefault(str(k), {})[name] = round(ratio, 3)
-                print(f"{label:12s} {k:5d} {name:11s} {r['updates_per_s']:9.1f} {ratio:7.2f} {gf:8.3f} "
-                      f"{100 * gf / peak:6.2f} {r['peak_mb']:8.0f} {r['warmup_s']:8.2f}", flush=True)
+                ratios.setdefault(label, {}).setdefault(str(k), {})[name] = round(r["ratio"], 3)
+                note = ""
+                if name == "auto" and r.get("choice"):
+                    note = "chose " + ", ".join(sorted(set(r["choice"].values())))
+                print(f"{label:12s} {k:5d} {name:11s} {k / r['sec']:9.1f} {r['ratio']:7.2f} {gf:8.3f} "
+                      f"{100 * gf / peak_all:6.2f} {r['peak_mb']:8.0f} {r['warmup_s']:8.2f}  {note}", flush=True)
+            if "auto" in res and "sec" in res.get("flower", {}):
+                vs_flower.setdefault(label, {})[str(k)] = round(res["flower"]["sec"] / res["auto"]["sec"], 2)
+                print(f"{label:12s} {k:5d} auto is {vs_flower[label][str(k)]:.1f}x Flower's simulation engine per "
+                      f"round (Flower's warm-up incl. Ray start: {res['flower']['warmup_s']:.1f} s)", flush=True)
     print(f"# load average at end: {os.getloadavg()[0]:.2f} (start {load1:.2f})")
-    print(json.dumps({"ratio_vs_loop": ratios, "matmul_gflops": round(peak, 1), "matmul_gflops_1thread": round(peak1, 1)}))
+    goals = {}
+    for label in ("digits_mlp", "mnist1d_cnn"):
+        for k in ("100", "1000"):
+            if "auto" in ratios.get(label, {}).get(k, {}):
+                goals[f"auto>=3x loop {label} K={k}"] = ratios[label][k]["auto"] >= 3.0
+    autos = [v["auto"] for per_k in ratios.values() for v in per_k.values() if "auto" in v]
+    if autos:
+        goals["auto never slower than loop"] = min(autos) >= 1.0
+    for label, per_k in vs_flower.items():
+        for k, v in per_k.items():
+            goals[f"auto>=20x flower {label} K={k}"] = v >= 20.0
+    for goal, ok in goals.items():
+        print(f"# goal {goal}: {'met' if ok else 'MISSED'}")
+    print(json.dumps({"ratio_vs_loop": ratios, "auto_vs_flower": vs_flower, "goals_met": goals,
+                      "matmul_gflops": round(peak_all, 1), "matmul_gflops_1thread": round(peak1, 1)}))
 
 
 if __name__ == "__main__":

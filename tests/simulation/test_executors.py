@@ -17,7 +17,7 @@ import torch
 from helpers import blob_task
 
 from kdfl import models
-from kdfl.algorithms import FedAvg, FedEMADistill, FedProx
+from kdfl.algorithms import FedAvg, FedDF, FedEMADistill, FedProx
 from kdfl.algorithms.base import local_update
 from kdfl.algorithms.fedavg import init_params
 from kdfl.losses import cross_entropy
@@ -85,6 +85,7 @@ def assert_close(ref, got, exact: bool = False) -> None:
 ALGS = {
     "fedavg": FedAvg(local=LOCAL),
     "fedprox": FedProx(local=LOCAL, mu=0.5),
+    "feddf": FedDF(local=LOCAL, distill_steps=0),  # its client half (the stacked finish path)
     "fedema_distill": FedEMADistill(local=LOCAL),
     "fedema_distill_stateful": FedEMADistill(local=LOCAL, downlink="none"),  # per-client weights
 }

@@ -15,10 +15,12 @@ Across processes: a pool of single-threaded workers only pays when cores are idl
 it costs seconds to start. So ``auto`` runs the first round in-process and measures its
 throughput (examples per second); when the machine has idle cores (1-minute load
 average below ``cores - 0.5``) and the round took long enough for a pool to matter
-(``min_round_s``), the next round tries the pool (each worker making the in-process
-choice above for its shard), and ``auto`` keeps whichever was faster for the rest of the
-run. On a busy machine it stays in-process (on the shared 2-core machine of the
-benchmark, a 2-worker pool ran at 0.35-0.98x of the plain loop).
+(``min_round_s``), it starts the pool in a background thread while the rounds go on
+in-process; the first round after the pool is up runs on it (each worker making the
+in-process choice above for its shard), and ``auto`` keeps whichever was faster
+(the pool must beat the best in-process round by 10 %) for the rest of the run. On a
+busy machine it stays in-process (on the shared 2-core machine of the benchmark, with
+other jobs running, a 2-worker pool ran at 0.35-0.98x of the plain loop).
 
 Results equal the sequential executor within the vectorized executor's tolerance
 (bit-identical for clients that run sequentially).
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 
@@ -87,18 +90,27 @@ class Auto:
 
     Args:
         workers: worker processes for the pool (0 = the number of CPU cores; 1 = never a pool).
-        min_round_s: an in-process round shorter than this never tries the pool.
+        min_round_s: an in-process round shorter than this never tries the pool (a pool
+            round costs ~10-20 ms of messaging on top of the training).
     """
 
     name = "auto"
 
-    def __init__(self, workers: int = 0, min_round_s: float = 0.5) -> None:
+    def __init__(self, workers: int = 0, min_round_s: float = 0.1) -> None:
         self.workers = workers or os.cpu_count() or 1
         self.min_round_s = min_round_s
         self.local = AutoLocal()
         self.parallel = Parallel(self.workers, inner="auto-local") if self.workers > 1 else None
-        self.mode: dict[tuple, str] = {}  # (architectures, device) -> "local" | "try" | "parallel"
+        # (architectures, device) -> "local" | "starting" | "try" | "parallel"
+        self.mode: dict[tuple, str] = {}
         self._rate: dict[tuple, float] = {}
+        self._starting: tuple[threading.Thread, list[bool], Task] | None = None
+
+    @property
+    def settled(self) -> bool:
+        """True once every kind of round seen so far has its final choice (no pool starting
+        or on trial): what a benchmark waits for before timing."""
+        return bool(self.mode) and all(m in ("local", "parallel") for m in self.mode.values())
 
     def _idle_cores(self) -> bool:
         try:
@@ -106,10 +118,33 @@ class Auto:
         except OSError:
             return False
 
+    def _start_pool(self, task: Task) -> None:
+        """Start the pool in a background thread: rounds go on in-process meanwhile."""
+        assert self.parallel is not None
+        ok: list[bool] = []
+        thread = threading.Thread(target=lambda: ok.append(self.parallel.start(task)),  # type: ignore[union-attr]
+                                  name="kdfl-auto-pool", daemon=True)
+        thread.start()
+        self._starting = (thread, ok, task)
+
+    def _pool_ready(self, task: Task) -> bool | None:
+        """True/False once the background start finished for ``task``; None while it runs."""
+        if self._starting is None:
+            return None
+        thread, ok, started_for = self._starting
+        if thread.is_alive():
+            return None
+        self._starting = None
+        return bool(ok and ok[0]) and started_for is task
+
     def run(self, algorithm: Algorithm, task: Task, jobs: Sequence[Job]) -> list[Result]:
         key = (tuple(sorted({c.arch for c, _ in jobs})), task.device.type)
         mode = self.mode.get(key)
         work = sum(len(c.data) for c, _ in jobs) + 1
+        if mode == "starting":
+            ready = self._pool_ready(task)
+            if ready is not None:
+                mode = self.mode[key] = "try" if ready else "local"
         if mode in ("try", "parallel") and self.parallel is not None and self.parallel.start(task):
             t = time.perf_counter()
             results = self.parallel.run(algorithm, task, jobs)
@@ -118,17 +153,27 @@ class Auto:
                 local = self._rate.get(key, 0.0)
                 self.mode[key] = "parallel" if rate > 1.1 * local else "local"
                 log.info("auto: pool %.0f vs in-process %.0f examples/s -> %s", rate, local, self.mode[key])
+                if self.mode[key] == "local" and "parallel" not in self.mode.values():
+                    self.parallel.close()  # nothing uses it: free the worker processes
             return results
         t = time.perf_counter()
         results = self.local.run(algorithm, task, jobs)
         took = time.perf_counter() - t
-        if mode is None or mode == "try":
-            self._rate[key] = work / took
+        if mode in (None, "starting", "try"):
+            self._rate[key] = max(self._rate.get(key, 0.0), work / took)  # the best in-process round
+        if mode is None:
             can_pool = (self.parallel is not None and task.device.type == "cpu" and len(jobs) >= 2 * self.workers
                         and took >= self.min_round_s and self._idle_cores())
-            self.mode[key] = "try" if can_pool and mode is None else "local"
+            if can_pool and self._starting is None:
+                self._start_pool(task)
+                self.mode[key] = "starting"
+            else:
+                self.mode[key] = "local"
         return results
 
     def close(self) -> None:
+        if self._starting is not None:
+            self._starting[0].join()
+            self._starting = None
         if self.parallel is not None:
             self.parallel.close()

@@ -1,0 +1,144 @@
+"""The pieces that make the executors fast: reused scratch models, the stacked finish,
+result files in /dev/shm, and ``auto``'s background pool start."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+from test_executors import LOCAL, SIZES, assert_close, jobs_of, make_task
+
+from kdfl.algorithms import FedAvg
+from kdfl.algorithms.base import local_update
+from kdfl.algorithms.fedavg import delta_update, stacked_delta_updates
+from kdfl.simulation import parallel as par
+from kdfl.simulation.auto import Auto
+from kdfl.simulation.executors import Sequential
+from kdfl.simulation.vectorized import Vectorized, _stacked_finish
+
+
+def test_local_update_reuses_a_scratch_model_only_when_finish_keeps_none():
+    task, clients = make_task(["mlp:hidden=16"], SIZES[:3])
+    alg = FedAvg(local=LOCAL)
+    jobs = jobs_of(alg, task, clients)
+    first = local_update(alg, task, jobs[0][1], clients[0])
+    pooled = task._scratch["mlp:hidden=16"]
+    assert len(pooled) == 1
+    model = pooled[0]
+    local_update(alg, task, jobs[1][1], clients[1])
+    assert task._scratch["mlp:hidden=16"] == [model]  # borrowed and given back
+    assert all(p.grad is None for p in model.parameters())
+    # reuse changes nothing: the first client again gives the same update
+    again = local_update(alg, task, jobs[0][1], clients[0])
+    for k in first.payload:
+        assert torch.equal(first.payload[k], again.payload[k])
+
+    @dataclass(frozen=True)
+    class Keeper(FedAvg):
+        def finish(self, task, downlink, client, model, stats):
+            KEPT.append(model)
+            return delta_update(client, downlink, model, stats)
+
+    KEPT: list = []
+    keeper = Keeper(local=LOCAL)
+    task._scratch.clear()
+    local_update(keeper, task, jobs[0][1], clients[0])
+    local_update(keeper, task, jobs[1][1], clients[1])
+    assert KEPT[0] is not KEPT[1] and not task._scratch.get("mlp:hidden=16")
+    trained0 = {k: v.clone() for k, v in KEPT[0].state_dict().items()}
+    local_update(keeper, task, jobs[2][1], clients[2])  # must not train into a kept model
+    assert all(torch.equal(trained0[k], v) for k, v in KEPT[0].state_dict().items())
+
+
+def test_scratch_models_do_not_travel_with_the_task():
+    import pickle
+
+    task, clients = make_task(["mlp:hidden=16"], SIZES[:2])
+    local_update(FedAvg(local=LOCAL), task, jobs_of(FedAvg(local=LOCAL), task, clients)[0][1], clients[0])
+    assert task._scratch and pickle.loads(pickle.dumps(task))._scratch == {}
+
+
+def test_stacked_delta_updates_equal_one_delta_update_per_client():
+    task, clients = make_task(["mlp:hidden=16"], SIZES[:4])
+    models = [task.new_model("mlp:hidden=16", seed=i) for i in range(4)]
+    weights = [{k: v + 0.1 * i for k, v in models[0].state_dict().items()} for i in range(4)]
+    stacked = {k: torch.stack([m.state_dict()[k] for m in models]) for k in weights[0]}
+    stats = [{"train_loss": float(i), "steps": 1.0} for i in range(4)]
+    for ws in (weights, [weights[0]] * 4):  # per-client starting weights, and one shared object
+        got = stacked_delta_updates(list(zip(clients, ws, strict=True)), stacked, stats)
+        for c, w, m, st, u in zip(clients, ws, models, stats, got, strict=True):
+            ref = delta_update(c, w, m, st)
+            assert u.client_id == ref.client_id and u.num_examples == ref.num_examples and u.metrics == st
+            assert all(torch.equal(u.payload[k], ref.payload[k]) for k in ref.payload)
+
+
+def test_a_subclass_that_overrides_finish_is_not_bypassed():
+    @dataclass(frozen=True)
+    class Marked(FedAvg):
+        def finish(self, task, downlink, client, model, stats):
+            u = delta_update(client, downlink, model, stats)
+            return type(u)(u.client_id, u.num_examples, u.payload, {**u.metrics, "marked": 1.0})
+
+    assert _stacked_finish(FedAvg()) is not None and _stacked_finish(Marked()) is None
+    task, clients = make_task(["mlp:hidden=16"], SIZES)
+    alg = Marked(local=LOCAL)
+    got = Vectorized().run(alg, task, jobs_of(alg, task, clients))
+    assert all(u.metrics["marked"] == 1.0 for u in got)
+
+
+def test_large_results_come_back_through_a_shm_file(monkeypatch):
+    if not os.path.isdir(par.SHM_DIR):
+        pytest.skip("no /dev/shm on this machine")
+    obj = {"big": torch.arange(300_000, dtype=torch.float32), "small": torch.tensor([1, 2], dtype=torch.int8),
+           "half": torch.ones(3, 5, dtype=torch.float16), "empty": torch.zeros(0, 4)}
+    obj["alias"] = obj["big"]
+    before = set(os.listdir(par.SHM_DIR))
+    blob = par.dumps(obj, shm=True)
+    made = set(os.listdir(par.SHM_DIR)) - before
+    assert len(made) == 1 and len(blob) < 10_000  # the tensors are in the file, not in the message
+    out = par.loads(blob)
+    assert not (set(os.listdir(par.SHM_DIR)) - before)  # unlinked once mapped
+    for k in ("big", "small", "half", "empty"):
+        assert out[k].dtype == obj[k].dtype and torch.equal(out[k], obj[k])
+    assert out["alias"] is out["big"]
+    out["big"][0] = -1.0  # a private mapping: writable
+    # below the threshold, and without shm, the pipe carries the bytes
+    assert not (set(os.listdir(par.SHM_DIR)) - before) and len(par.dumps(obj)) > 1_200_000
+    monkeypatch.setattr(par, "SHM_DIR", "/nonexistent")
+    assert torch.equal(par.loads(par.dumps(obj, shm=True))["big"], obj["big"])  # falls back to the pipe
+
+
+def test_leftover_result_files_are_removed():
+    if not os.path.isdir(par.SHM_DIR):
+        pytest.skip("no /dev/shm on this machine")
+    par.dumps({"x": torch.zeros(par.SHM_MIN_BYTES // 4 + 1)}, shm=True)  # written, never read
+    mine = [f for f in os.listdir(par.SHM_DIR) if f.startswith(f"kdfl-par-{os.getpid()}-")]
+    assert mine
+    par.remove_shm_files([os.getpid()])
+    assert not [f for f in os.listdir(par.SHM_DIR) if f.startswith(f"kdfl-par-{os.getpid()}-")]
+
+
+def test_auto_starts_the_pool_in_the_background_and_settles(monkeypatch):
+    task, clients = make_task(["mlp:hidden=16"], SIZES * 2)
+    alg = FedAvg(local=LOCAL)
+    jobs = jobs_of(alg, task, clients)
+    ref = Sequential().run(alg, task, jobs)
+    auto = Auto(workers=2, min_round_s=0.0)
+    monkeypatch.setattr(auto, "_idle_cores", lambda: True)
+    key = (("mlp:hidden=16",), "cpu")
+    try:
+        assert not auto.settled
+        assert_close(ref, auto.run(alg, task, jobs))  # in-process, measured; the pool starts meanwhile
+        assert auto.mode[key] == "starting" and not auto.settled
+        deadline = time.monotonic() + 120
+        while auto._starting is not None and auto._starting[0].is_alive() and time.monotonic() < deadline:
+            assert_close(ref, auto.run(alg, task, jobs))  # rounds go on in-process while it starts
+            time.sleep(0.05)
+        assert_close(ref, auto.run(alg, task, jobs))  # the trial round, on the pool
+        assert auto.mode[key] in ("local", "parallel") and auto.settled
+        assert_close(ref, auto.run(alg, task, jobs))
+    finally:
+        auto.close()
