@@ -21,8 +21,8 @@ peak resident memory of the benchmark process and all its descendants (pool work
 Ray) during the timed rounds, and the warm-up: one untimed round, or for ``auto`` the
 rounds until its choice has settled (it may start and try a process pool), or for
 Flower the Ray start-up plus the first round. Flower runs as its own simulation (one
-SuperNode per client, 2 Ray actors of one CPU each) after the in-process runners, so
-its ratio is against the loop's median round. Then the goals of the issue are checked
+SuperNode per client, one Ray actor of one CPU per core) after all the in-process
+measurements, so its ratio is against the loop's median round. Then the goals of the issue are checked
 against the measured numbers, and the last line printed is a JSON object with the
 ratios.
 
@@ -73,7 +73,11 @@ def _rss_mb(pid: int | str = "self") -> float:
 def _children(pid: int | str = "self") -> list[str]:
     """All descendants (workers of a pool, Ray's raylet and its workers, ...)."""
     out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").glob("*"))
+    except OSError:  # the process has just exited
+        return out
+    for task in tasks:
         try:
             kids = (task / "children").read_text().split()
         except OSError:
@@ -225,7 +229,7 @@ def measure_in_process(names: list[str], task: Task, clients: list[Client], weig
         for r in runners:
             r.close()
     loop = out.get("loop", {}).get("times")
-    for name, r in out.items():
+    for r in out.values():
         r["sec"] = statistics.median(r["times"])
         r["ratio"] = statistics.median(a / b for a, b in zip(loop, r["times"], strict=True)) if loop else float("nan")
     return out
@@ -282,35 +286,46 @@ def main() -> None:
     print("-" * len(header))
     ratios: dict[str, dict[str, dict[str, float]]] = {}
     vs_flower: dict[str, dict[str, float]] = {}
-    for label, dataset, arch in MODELS:
-        if label not in args.models:
-            continue
-        for k in ks:
+    cases = [(label, dataset, arch, k) for label, dataset, arch in MODELS if label in args.models for k in ks]
+    in_process = [n for n in args.executors if n != "flower"]
+    measured: dict[tuple[str, int], dict] = {}
+
+    def row(label: str, k: int, name: str, r: dict, flops: float) -> None:
+        if "skipped" in r:
+            print(f"{label:12s} {k:5d} {name:11s} skipped: {r['skipped']}", flush=True)
+            return
+        gf = flops / r["sec"] / 1e9
+        ratios.setdefault(label, {}).setdefault(str(k), {})[name] = round(r["ratio"], 3)
+        note = ""
+        if name == "auto" and r.get("choice"):
+            note = "chose " + ", ".join(sorted(set(r["choice"].values())))
+        print(f"{label:12s} {k:5d} {name:11s} {k / r['sec']:9.1f} {r['ratio']:7.2f} {gf:8.3f} "
+              f"{100 * gf / peak_all:6.2f} {r['peak_mb']:8.0f} {r['warmup_s']:8.2f}  {note}", flush=True)
+
+    # phase 1: the in-process runners (Ray's processes take a while to exit after a Flower
+    # run and would load the machine while they are timed)
+    for label, dataset, arch, k in cases:
+        task, clients, weights = setup(dataset, arch, k)
+        flops = 3 * forward_flops(task.new_model(arch), task.input_shape) * sum(len(c.data) for c in clients)
+        res = measure_in_process(in_process, task, clients, weights, reps)
+        measured[(label, k)] = {"res": res, "flops": flops}
+        for name in in_process:
+            row(label, k, name, res[name], flops)
+    # phase 2: Flower's simulation engine, against the loop's median round from phase 1
+    if "flower" in args.executors:
+        print(f"# Flower's simulation engine (one SuperNode per client, {os.cpu_count()} Ray actors of one CPU)",
+              flush=True)
+        for label, dataset, arch, k in cases:
             task, clients, weights = setup(dataset, arch, k)
-            samples = sum(len(c.data) for c in clients) * LOCAL.epochs
-            flops = 3 * forward_flops(task.new_model(arch), task.input_shape) * samples
-            names = [n for n in args.executors if n != "flower"]
-            res = measure_in_process(names, task, clients, weights, reps)
-            if "flower" in args.executors:
-                res["flower"] = measure_flower(task, clients, weights, flower_reps)
-                if "sec" in res["flower"]:
-                    res["flower"]["ratio"] = res["loop"]["sec"] / res["flower"]["sec"]
-            for name in args.executors:
-                r = res[name]
-                if "skipped" in r:
-                    print(f"{label:12s} {k:5d} {name:11s} skipped: {r['skipped']}")
-                    continue
-                gf = flops / r["sec"] / 1e9
-                ratios.setdefault(label, {}).setdefault(str(k), {})[name] = round(r["ratio"], 3)
-                note = ""
-                if name == "auto" and r.get("choice"):
-                    note = "chose " + ", ".join(sorted(set(r["choice"].values())))
-                print(f"{label:12s} {k:5d} {name:11s} {k / r['sec']:9.1f} {r['ratio']:7.2f} {gf:8.3f} "
-                      f"{100 * gf / peak_all:6.2f} {r['peak_mb']:8.0f} {r['warmup_s']:8.2f}  {note}", flush=True)
-            if "auto" in res and "sec" in res.get("flower", {}):
-                vs_flower.setdefault(label, {})[str(k)] = round(res["flower"]["sec"] / res["auto"]["sec"], 2)
+            res, flops = measured[(label, k)]["res"], measured[(label, k)]["flops"]
+            fl = measure_flower(task, clients, weights, flower_reps)
+            if "sec" in fl:
+                fl["ratio"] = res["loop"]["sec"] / fl["sec"]
+            row(label, k, "flower", fl, flops)
+            if "auto" in res and "sec" in fl:
+                vs_flower.setdefault(label, {})[str(k)] = round(fl["sec"] / res["auto"]["sec"], 2)
                 print(f"{label:12s} {k:5d} auto is {vs_flower[label][str(k)]:.1f}x Flower's simulation engine per "
-                      f"round (Flower's warm-up incl. Ray start: {res['flower']['warmup_s']:.1f} s)", flush=True)
+                      f"round (Flower's warm-up incl. Ray start: {fl['warmup_s']:.1f} s)", flush=True)
     print(f"# load average at end: {os.getloadavg()[0]:.2f} (start {load1:.2f})")
     goals = {}
     for label in ("digits_mlp", "mnist1d_cnn"):

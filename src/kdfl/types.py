@@ -151,12 +151,15 @@ class Task:
         """Put a borrowed model back for reuse. Models whose state dict does not cover all
         their state (non-persistent buffers, which ``load_state_dict`` would not reset)
         are never reused."""
-        keys = model.state_dict().keys()
-        if any(name not in keys for name, _ in model.named_buffers()):
+        reusable = getattr(model, "_kdfl_reusable", None)
+        if reusable is None:  # checked once per model
+            keys = model.state_dict().keys()
+            reusable = model._kdfl_reusable = all(name in keys for name, _ in model.named_buffers())
+        if not reusable:
             return
+        pool = self._scratch.setdefault(arch, [])
         for p in model.parameters():
             p.grad = None
-        pool = self._scratch.setdefault(arch, [])
         if len(pool) < 4:
             pool.append(model)
 

@@ -127,3 +127,30 @@ def test_omniscient_attack_is_refused():
 
     with pytest.raises(KdflError, match="omniscient"):
         prepare(load_config(CONFIG, ["attack.name=alie", "attack.fraction=0.34"]))
+
+
+@pytest.mark.slow
+def test_simulate_clients_equals_sequential_and_times_every_round():
+    """What benchmarks/speed.py runs as (f): the same updates as the sequential executor,
+    bit for bit, with one timing per round (slow: Ray start-up)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulation"))
+    from test_executors import LOCAL, SIZES, jobs_of, make_task
+
+    from kdfl.algorithms import FedAvg
+    from kdfl.flower import simulate_clients
+    from kdfl.simulation.executors import Sequential
+
+    task, clients = make_task(["mlp:hidden=16"], SIZES[:5])
+    alg = FedAvg(local=LOCAL)
+    jobs = jobs_of(alg, task, clients)
+    run = _single_threaded(lambda: simulate_clients(alg, task, jobs, rounds=2, num_cpus=2))
+    assert len(run.round_s) == 2 and all(t > 0 for t in run.round_s)
+    assert 0 <= run.startup_s < run.total_s and sum(run.round_s) < run.total_s
+    for ref, got in zip(_single_threaded(lambda: Sequential().run(alg, task, jobs)), run.updates, strict=True):
+        assert got.client_id == ref.client_id and got.num_examples == ref.num_examples
+        assert ref.payload.keys() == got.payload.keys()
+        assert all(torch.equal(ref.payload[k], got.payload[k]) for k in ref.payload)
+    with pytest.raises(KdflError, match="rounds >= 1"):
+        simulate_clients(alg, task, jobs, rounds=0)

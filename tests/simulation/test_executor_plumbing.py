@@ -142,3 +142,23 @@ def test_auto_starts_the_pool_in_the_background_and_settles(monkeypatch):
         assert_close(ref, auto.run(alg, task, jobs))
     finally:
         auto.close()
+
+
+def test_models_with_non_persistent_buffers_are_never_reused():
+    from torch import nn
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("seen", torch.zeros(()), persistent=False)  # load_state_dict leaves it
+
+    task, _ = make_task(["mlp:hidden=16"], SIZES[:1])
+    task.build_model = lambda arch: Counting()
+    model = task.borrow_model("x")
+    task.return_model("x", model)
+    assert task.borrow_model("x") is not model and not task._scratch.get("x")
+    plain = task.new_model("mlp:hidden=16")
+    task.build_model = make_task(["mlp:hidden=16"], SIZES[:1])[0].build_model
+    task.return_model("mlp:hidden=16", plain)
+    assert task.borrow_model("mlp:hidden=16") is plain
