@@ -154,11 +154,12 @@ def test_models_with_non_persistent_buffers_are_never_reused():
             self.register_buffer("seen", torch.zeros(()), persistent=False)  # load_state_dict leaves it
 
     task, _ = make_task(["mlp:hidden=16"], SIZES[:1])
+    build = task.build_model
     task.build_model = lambda arch: Counting()
     model = task.borrow_model("x")
     task.return_model("x", model)
     assert task.borrow_model("x") is not model and not task._scratch.get("x")
+    task.build_model = build
     plain = task.new_model("mlp:hidden=16")
-    task.build_model = make_task(["mlp:hidden=16"], SIZES[:1])[0].build_model
     task.return_model("mlp:hidden=16", plain)
     assert task.borrow_model("mlp:hidden=16") is plain
