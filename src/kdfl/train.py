@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -88,12 +89,13 @@ def local_train(
     for idx in batch_indices(len(data), cfg, generator):
         batch = Batch(data.x[idx].to(device), data.y[idx].to(device), idx)
         loss = loss_fn(model(batch.x), batch, params)
-        if not torch.isfinite(loss):
-            raise KdflError(f"local training diverged (loss={float(loss.detach())} at step {steps}): lower local.lr")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise KdflError(f"local training diverged (loss={value} at step {steps}): lower local.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += float(loss.detach())
+        total += value
         steps += 1
     return {"train_loss": total / max(steps, 1), "steps": float(steps)}
 

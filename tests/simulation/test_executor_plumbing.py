@@ -127,7 +127,7 @@ def test_auto_starts_the_pool_in_the_background_and_settles(monkeypatch):
     jobs = jobs_of(alg, task, clients)
     ref = Sequential().run(alg, task, jobs)
     auto = Auto(workers=2, min_round_s=0.0)
-    monkeypatch.setattr(auto, "_idle_cores", lambda: True)
+    monkeypatch.setattr(auto, "_idle_cores", lambda busy=None: True)
     key = (("mlp:hidden=16",), "cpu")
     try:
         assert not auto.settled
@@ -163,3 +163,17 @@ def test_models_with_non_persistent_buffers_are_never_reused():
     plain = task.new_model("mlp:hidden=16")
     task.return_model("mlp:hidden=16", plain)
     assert task.borrow_model("mlp:hidden=16") is plain
+
+
+def test_busy_cores_from_proc_stat_readings(monkeypatch):
+    from kdfl.simulation import auto as auto_mod
+
+    monkeypatch.setattr(auto_mod.os, "cpu_count", lambda: 2)
+    assert auto_mod._busy_cores((100.0, 1000.0), (250.0, 1200.0)) == 1.5  # 150 of 200 jiffies on 2 cores
+    assert auto_mod._busy_cores((100.0, 1000.0), (101.0, 1005.0)) is None  # too short to tell
+    assert auto_mod._busy_cores(None, (1.0, 2.0)) is None
+    a = Auto(workers=2)
+    assert a._idle_cores(1.2) and not a._idle_cores(1.6)
+    if os.path.exists("/proc/stat"):
+        busy, total = auto_mod._cpu_times()
+        assert 0 <= busy <= total

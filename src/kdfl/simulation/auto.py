@@ -13,8 +13,9 @@ In-process, per architecture (a mixed-architecture round is split by architectur
 
 Across processes: a pool of single-threaded workers only pays when cores are idle, and
 it costs seconds to start. So ``auto`` runs the first round in-process and measures its
-throughput (examples per second); when the machine has idle cores (1-minute load
-average below ``cores - 0.5``) and the round took long enough for a pool to matter
+throughput (examples per second) and how many cores the whole machine kept busy meanwhile
+(``/proc/stat``); when a core sat idle (busy below ``cores - 0.5``, this round included;
+the 1-minute load average where there is no /proc/stat) and the round took long enough for a pool to matter
 (``min_round_s``), it starts the pool in a background thread while the rounds go on
 in-process; the first round after the pool is up runs on it (each worker making the
 in-process choice above for its shard), and ``auto`` keeps whichever was faster
@@ -51,6 +52,24 @@ def prefers_vectorized(model: nn.Module, device_type: str, input_shape: tuple[in
     convs = any(isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)) for m in model.modules())
     small = len(input_shape) == 3 and input_shape[1] * input_shape[2] <= 16 * 16
     return not convs or small
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy_cores(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """Cores busy on average between two :func:`_cpu_times` readings (this process included)."""
+    if before is None or after is None or after[1] - before[1] < 10:  # under ~0.1 s of jiffies: no signal
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
 
 
 class AutoLocal:
@@ -112,9 +131,15 @@ class Auto:
         or on trial): what a benchmark waits for before timing."""
         return bool(self.mode) and all(m in ("local", "parallel") for m in self.mode.values())
 
-    def _idle_cores(self) -> bool:
+    def _idle_cores(self, busy: float | None = None) -> bool:
+        """Whether a core sat idle: ``busy`` (cores in use during the last in-process round,
+        from /proc/stat, that round included) below ``cores - 0.5``; without /proc/stat, the
+        1-minute load average (which lags: a pool that just ran keeps it up for a minute)."""
+        cores = os.cpu_count() or 1
+        if busy is not None:
+            return busy < cores - 0.5
         try:
-            return os.getloadavg()[0] < (os.cpu_count() or 1) - 0.5
+            return os.getloadavg()[0] < cores - 0.5
         except OSError:
             return False
 
@@ -156,14 +181,15 @@ class Auto:
                 if self.mode[key] == "local" and "parallel" not in self.mode.values():
                     self.parallel.close()  # nothing uses it: free the worker processes
             return results
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), _cpu_times()
         results = self.local.run(algorithm, task, jobs)
         took = time.perf_counter() - t
+        busy = _busy_cores(cpu, _cpu_times())
         if mode in (None, "starting", "try"):
             self._rate[key] = max(self._rate.get(key, 0.0), work / took)  # the best in-process round
         if mode is None:
             can_pool = (self.parallel is not None and task.device.type == "cpu" and len(jobs) >= 2 * self.workers
-                        and took >= self.min_round_s and self._idle_cores())
+                        and took >= self.min_round_s and self._idle_cores(busy))
             if can_pool and self._starting is None:
                 self._start_pool(task)
                 self.mode[key] = "starting"
