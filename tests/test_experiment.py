@@ -108,3 +108,24 @@ def test_quickstart_reaches_90_percent(tmp_path):
     assert s["rounds"] == 30
     assert s["final_accuracy"] >= 0.90, s
     assert s["rounds_to_target"] is not None
+
+
+@pytest.mark.parametrize("executor", ["vectorized", "auto", "parallel"])
+def test_fast_executors_give_the_sequential_run(executor):
+    """A whole run (FedProx, Dirichlet sizes, 3 rounds) through each fast executor ends
+    where the sequential one does: within float rounding (vectorized; auto may vectorize)
+    or bit for bit (parallel). Pools end with their run: no worker process is left."""
+    import multiprocessing
+
+    sets = [*TINY, "run.rounds=3", "run.threads=1", "algorithm.name=fedprox", "algorithm.mu=0.1",
+            "partition.name=dirichlet", "partition.alpha=0.5"]
+    ref = experiment.run(config.load(None, sets))
+    got = experiment.run(config.load(None, [*sets, f"run.executor={executor}"]))
+    for k, v in ref.state.params.items():
+        if executor == "parallel":
+            assert torch.equal(got.state.params[k], v), k
+        else:
+            torch.testing.assert_close(got.state.params[k], v, atol=1e-5, rtol=0, msg=k)
+    assert [r["uplink_bytes"] for r in got.records] == [r["uplink_bytes"] for r in ref.records]
+    assert abs(got.summary["final_accuracy"] - ref.summary["final_accuracy"]) <= 0.02
+    assert not [p for p in multiprocessing.active_children() if "resource_tracker" not in p.name]

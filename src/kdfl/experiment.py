@@ -155,12 +155,18 @@ def run(
         (run_dir / "malicious.json").write_text(json.dumps(sorted(fed.task.malicious)) + "\n")
     settings_keys = {f for f in RunSettings.__dataclass_fields__}
     settings = RunSettings(**{k: v for k, v in cfg["run"].items() if k in settings_keys})
+    executor = make_executor(cfg["run"]["executor"])
     engine = Engine(
         fed.algorithm, fed.task, fed.partitions, settings,
-        executor=make_executor(cfg["run"]["executor"]),
+        executor=executor,
         threat=make_threat(cfg["attack"], fed.task.num_classes),
         run_dir=run_dir, on_round=on_round,
         uplink_codec=codec_of(cfg["compression"]["uplink"]),
         downlink_codec=codec_of(cfg["compression"]["downlink"]),
     )
-    return engine.run(resume=resume)
+    try:
+        return engine.run(resume=resume)
+    finally:
+        close = getattr(executor, "close", None)
+        if close is not None:  # a process pool (parallel, auto) ends with its run
+            close()

@@ -154,7 +154,8 @@ class Task:
         reusable = getattr(model, "_kdfl_reusable", None)
         if reusable is None:  # checked once per model
             keys = model.state_dict().keys()
-            reusable = model._kdfl_reusable = all(name in keys for name, _ in model.named_buffers())
+            reusable = all(name in keys for name, _ in model.named_buffers())
+            model.__dict__["_kdfl_reusable"] = reusable
         if not reusable:
             return
         pool = self._scratch.setdefault(arch, [])

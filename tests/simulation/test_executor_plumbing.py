@@ -137,7 +137,9 @@ def test_auto_starts_the_pool_in_the_background_and_settles(monkeypatch):
         while auto._starting is not None and auto._starting[0].is_alive() and time.monotonic() < deadline:
             assert_close(ref, auto.run(alg, task, jobs))  # rounds go on in-process while it starts
             time.sleep(0.05)
-        assert_close(ref, auto.run(alg, task, jobs))  # the trial round, on the pool
+        assert_close(ref, auto.run(alg, task, jobs))  # the workers' first round: not judged
+        assert auto.mode[key] == "try" and not auto.settled
+        assert_close(ref, auto.run(alg, task, jobs))  # the timed trial round, on the pool
         assert auto.mode[key] in ("local", "parallel") and auto.settled
         assert_close(ref, auto.run(alg, task, jobs))
     finally:

@@ -17,8 +17,9 @@ throughput (examples per second) and how many cores the whole machine kept busy 
 (``/proc/stat``); when a core sat idle (busy below ``cores - 0.5``, this round included;
 the 1-minute load average where there is no /proc/stat) and the round took long enough for a pool to matter
 (``min_round_s``), it starts the pool in a background thread while the rounds go on
-in-process; the first round after the pool is up runs on it (each worker making the
-in-process choice above for its shard), and ``auto`` keeps whichever was faster
+in-process; the two rounds after the pool is up run on it (each worker making the
+in-process choice above for its shard; the first warms the workers up, the second is
+timed), and ``auto`` keeps whichever was faster
 (the pool must beat the best in-process round by 10 %) for the rest of the run. On a
 busy machine it stays in-process (on the shared 2-core machine of the benchmark, with
 other jobs running, a 2-worker pool ran at 0.35-0.98x of the plain loop).
@@ -120,7 +121,7 @@ class Auto:
         self.min_round_s = min_round_s
         self.local = AutoLocal()
         self.parallel = Parallel(self.workers, inner="auto-local") if self.workers > 1 else None
-        # (architectures, device) -> "local" | "starting" | "try" | "parallel"
+        # (architectures, device) -> "local" | "starting" | "warm" | "try" | "parallel"
         self.mode: dict[tuple, str] = {}
         self._rate: dict[tuple, float] = {}
         self._starting: tuple[threading.Thread, list[bool], Task] | None = None
@@ -169,11 +170,15 @@ class Auto:
         if mode == "starting":
             ready = self._pool_ready(task)
             if ready is not None:
-                mode = self.mode[key] = "try" if ready else "local"
-        if mode in ("try", "parallel") and self.parallel is not None and self.parallel.start(task):
+                mode = self.mode[key] = "warm" if ready else "local"
+        if mode in ("warm", "try", "parallel") and not (self.parallel is not None and self.parallel.start(task)):
+            mode = self.mode[key] = "local"  # the pool is gone and cannot start again
+        if mode in ("warm", "try", "parallel") and self.parallel is not None:
             t = time.perf_counter()
             results = self.parallel.run(algorithm, task, jobs)
-            if mode == "try":
+            if mode == "warm":  # the workers' first round (imports, first vmap traces) is not judged
+                self.mode[key] = "try"
+            elif mode == "try":
                 rate = work / (time.perf_counter() - t)
                 local = self._rate.get(key, 0.0)
                 self.mode[key] = "parallel" if rate > 1.1 * local else "local"
@@ -185,7 +190,7 @@ class Auto:
         results = self.local.run(algorithm, task, jobs)
         took = time.perf_counter() - t
         busy = _busy_cores(cpu, _cpu_times())
-        if mode in (None, "starting", "try"):
+        if mode in (None, "starting"):
             self._rate[key] = max(self._rate.get(key, 0.0), work / took)  # the best in-process round
         if mode is None:
             can_pool = (self.parallel is not None and task.device.type == "cpu" and len(jobs) >= 2 * self.workers
