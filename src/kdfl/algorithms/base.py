@@ -5,7 +5,11 @@ model into a payload". Such algorithms implement ``prepare`` (what to train: a
 :class:`LocalJob`) and ``finish`` (the payload from the trained model); their
 ``client_update`` is :func:`local_update`. The sequential executor just calls
 ``client_update``; a vectorized executor can run ``prepare`` for many clients, train them
-together, and call ``finish`` for each, with the same result.
+together, and call ``finish`` for each, with the same result (or, when the algorithm has
+it, ``finish_stacked`` once for all of them: see :mod:`kdfl.simulation.vectorized`).
+
+``finish`` must not keep ``model``: :func:`local_update` reuses the instance for the next
+client when nothing refers to it after ``finish`` (checked), so copy what you need.
 """
 
 from __future__ import annotations

@@ -22,7 +22,12 @@ runs on the stacked tensors. What it reproduces of :func:`kdfl.train.local_train
   place by the batched forward); GroupNorm and models without normalisation need nothing;
 - ``stats`` = ``{"train_loss": mean loss over the steps, "steps": steps}``; a client
   whose loss becomes NaN/inf is rerun sequentially, so it fails exactly as in
-  ``local_train``.
+  ``local_train``;
+- ``finish``: called per client on one model that receives each client's trained state
+  in turn, unless the algorithm has ``finish_stacked(task, jobs, state, stats)`` (defined
+  by the class that defines ``finish``, or below it), which turns the stacked states of
+  all clients into their updates at once (FedAvg-family deltas: one subtraction per
+  tensor for the whole chunk instead of one ``finish`` per client).
 
 Losses are per-client closures (``cross_entropy()`` returns a new function per call):
 two jobs are batched together when their loss closures have the same code and the same
