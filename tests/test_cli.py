@@ -61,7 +61,7 @@ def test_list_prints_every_section(capsys):
     assert kdfl("list") == 0
     text = capsys.readouterr().out
     for head in ("algorithms:", "datasets:", "partitions:", "models (parameters", "aggregators:", "attacks:",
-                 "codecs:"):
+                 "codecs:", "executors ("):
         assert head in text
     for name in ("fedavg", "fedprox", "fedavgm", "digits", "mnist1d", "dirichlet", "shards", "median", "krum",
                  "sign_flip", "int8", "topk"):
@@ -69,6 +69,14 @@ def test_list_prints_every_section(capsys):
     models = text.split("models (")[1].split("aggregators:")[0]
     mlp = next(line for line in models.splitlines() if line.split() and line.split()[0] == "mlp")
     assert int(mlp.split()[1]) == 8 * 8 * 128 + 128 + 128 * 10 + 10  # parameter count for (1, 8, 8) inputs
+
+
+def test_list_executors_with_their_options(capsys):
+    assert kdfl("list", "executors") == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(lines) == {"sequential", "vectorized", "parallel", "auto"}
+    assert "workers=0" in lines["parallel"] and "inner='sequential'" in lines["parallel"]
+    assert "min_round_s=0.1" in lines["auto"] and "(no options)" in lines["sequential"]
 
 
 def test_list_one_section_with_input_shape(capsys):

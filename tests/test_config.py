@@ -78,6 +78,20 @@ def test_unknown_codec_and_executor():
     assert "'sequential'" in msg
 
 
+def test_executor_options_are_checked_on_load():
+    cfg = config.load(None, ["run.executor='parallel:workers=3,inner=vectorized'"])
+    assert cfg["run"]["executor"] == "parallel:workers=3,inner=vectorized"
+    msg = error_of(["run.executor='parallel:worker=3'"])
+    assert "run.executor" in msg and "'worker'" in msg and "workers" in msg and "inner" in msg
+    assert "must be an integer" in error_of(["run.executor='auto:workers=two'"])
+    assert "must be an integer" in error_of(["run.executor='vectorized:max_chunk=2.5'"])
+    assert "must be a number" in error_of(["run.executor='auto:min_round_s=fast'"])
+    msg = error_of(["run.executor='parallel:inner=paralel'"])
+    assert "sequential, vectorized" in msg and "'paralel'" in msg
+    assert "workers >= 0" in error_of(["run.executor='auto:workers=-1'"])
+    assert "max_memory_mb > 0" in error_of(["run.executor='vectorized:max_memory_mb=0'"])
+
+
 # ------------------------------------------------------------------------------ wrong types
 def test_wrong_type_names_expected_type():
     msg = error_of(['run.rounds="ten"'])

@@ -60,6 +60,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from kdfl.compression import CODECS
     from kdfl.data import DATASETS, PARTITIONS
     from kdfl.models import describe
+    from kdfl.simulation.executors import executor_options
 
     what = args.what
     if what in ("all", "algorithms"):
@@ -92,6 +93,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
             print(f"  {name:12s} [{attack.space}{', omniscient' if attack.omniscient else ''}] {attack.description}")
     if what in ("all", "codecs"):
         print("codecs:", ", ".join(CODECS))
+    if what in ("all", "executors"):
+        print("executors (run.executor = \"name\" or \"name:option=value,...\"):")
+        for name, options in executor_options().items():
+            print(f"  {name:12s} {', '.join(f'{k}={v!r}' for k, v in options.items()) or '(no options)'}")
     return 0
 
 
@@ -115,9 +120,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--json", action="store_true", help="also print the summary as JSON")
     r.set_defaults(fn=_cmd_run)
-    ls = sub.add_parser("list", help="list algorithms, models, data sets, partitions, aggregators, attacks, codecs")
+    ls = sub.add_parser("list", help="list algorithms, models, data sets, partitions, aggregators, attacks, codecs, executors")
     ls.add_argument("what", nargs="?", default="all",
-                    choices=["all", "algorithms", "models", "datasets", "partitions", "aggregators", "attacks", "codecs"])
+                    choices=["all", "algorithms", "models", "datasets", "partitions", "aggregators", "attacks", "codecs",
+                             "executors"])
     ls.add_argument("--input-shape", help="input shape for model parameter counts, e.g. 3,32,32")
     ls.add_argument("--classes", type=int, default=10)
     ls.set_defaults(fn=_cmd_list)

@@ -217,13 +217,22 @@ def _check_run(run: dict[str, Any]) -> None:
     for key, (ok, allowed) in _RUN_RANGES.items():
         if key in run and not ok(run[key]):
             raise KdflError(f"run.{key} must be {allowed}, got {run[key]!r}")
-    from kdfl.simulation.executors import EXECUTORS
+    from kdfl.simulation.executors import EXECUTORS, make_executor
+    from kdfl.spec import parse_spec
 
-    if run["executor"] not in EXECUTORS:
+    name, _ = parse_spec(run["executor"])
+    if name not in EXECUTORS:
         raise KdflError(
-            f"unknown run.executor {run['executor']!r}.{_close(run['executor'], EXECUTORS)} "
+            f"unknown run.executor {name!r}.{_close(name, EXECUTORS)} "
             f"Available: {', '.join(sorted(EXECUTORS))}."
         )
+    try:
+        executor = make_executor(run["executor"])  # options checked now, not in round 1
+    except KdflError as e:
+        raise KdflError(f"run.executor: {e}") from None
+    close = getattr(executor, "close", None)
+    if close is not None:
+        close()
     import torch
 
     try:

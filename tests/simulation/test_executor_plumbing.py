@@ -179,3 +179,14 @@ def test_busy_cores_from_proc_stat_readings(monkeypatch):
     if os.path.exists("/proc/stat"):
         busy, total = auto_mod._cpu_times()
         assert 0 <= busy <= total
+
+
+def test_executor_specs_build_configured_executors():
+    from kdfl.simulation.executors import make_executor
+    from kdfl.simulation.parallel import Parallel
+
+    ex = make_executor("parallel:workers=3,inner=vectorized")
+    assert isinstance(ex, Parallel) and ex.workers == 3 and ex.inner == "vectorized" and ex._pool is None
+    assert make_executor("auto:workers=1").parallel is None  # never a pool
+    assert make_executor("vectorized:max_chunk=8,max_memory_mb=64.5").max_chunk == 8
+    assert make_executor("sequential").name == "sequential"

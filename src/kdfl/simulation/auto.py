@@ -41,7 +41,7 @@ from torch import nn
 from kdfl.simulation.executors import Job, Result, run_one
 from kdfl.simulation.parallel import Parallel
 from kdfl.simulation.vectorized import Vectorized
-from kdfl.types import Algorithm, Task
+from kdfl.types import Algorithm, KdflError, Task
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,9 @@ class Auto:
     name = "auto"
 
     def __init__(self, workers: int = 0, min_round_s: float = 0.1) -> None:
+        if workers < 0 or min_round_s < 0:
+            raise KdflError(f"auto needs workers >= 0 (0 = one per core, 1 = never a pool) and min_round_s >= 0; "
+                            f"got workers={workers}, min_round_s={min_round_s}")
         self.workers = workers or os.cpu_count() or 1
         self.min_round_s = min_round_s
         self.local = AutoLocal()

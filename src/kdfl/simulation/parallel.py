@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from kdfl.simulation.executors import ClientFailure, Job, Result
-from kdfl.types import Algorithm, Task
+from kdfl.types import Algorithm, KdflError, Task
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,7 @@ def remove_shm_files(pids: Sequence[int]) -> None:
 # ------------------------------------------------------------------------------- workers
 _TASK: Task | None = None
 _INNER: dict[str, Any] = {}
+INNER = ("sequential", "vectorized", "auto-local")  # how a worker runs its shard
 
 
 def _init_worker(task_blob: bytes, threads: int) -> None:
@@ -250,6 +251,14 @@ class Parallel:
     name = "parallel"
 
     def __init__(self, workers: int = 0, inner: str = "sequential", context: str = "spawn", threads: int = 1) -> None:
+        if workers < 0 or threads < 1:
+            raise KdflError(f"parallel needs workers >= 0 (0 = one per core) and threads >= 1; got "
+                            f"workers={workers}, threads={threads}")
+        if inner not in INNER:
+            raise KdflError(f"parallel's inner executor must be one of {', '.join(INNER)}; got {inner!r}")
+        if context not in multiprocessing.get_all_start_methods():
+            raise KdflError(f"parallel's context must be one of {', '.join(multiprocessing.get_all_start_methods())}"
+                            f" on this machine; got {context!r}")
         self.workers = workers or os.cpu_count() or 1
         self.inner, self.context, self.threads = inner, context, threads
         self._pool: ProcessPoolExecutor | None = None

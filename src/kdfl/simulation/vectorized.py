@@ -68,7 +68,7 @@ from kdfl.algorithms.base import LocalJob, LocalTraining
 from kdfl.losses import Batch
 from kdfl.simulation.executors import Job, Result, run_one
 from kdfl.train import batch_indices
-from kdfl.types import Algorithm, Client, Payload, Task
+from kdfl.types import Algorithm, Client, KdflError, Payload, Task
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,9 @@ class Vectorized:
     name = "vectorized"
 
     def __init__(self, max_memory_mb: float = 1024, max_chunk: int = 512, min_group: int = 2) -> None:
+        if max_memory_mb <= 0 or max_chunk < 1 or min_group < 1:
+            raise KdflError(f"vectorized needs max_memory_mb > 0, max_chunk >= 1 and min_group >= 1; got "
+                            f"max_memory_mb={max_memory_mb}, max_chunk={max_chunk}, min_group={min_group}")
         self.max_memory_mb, self.max_chunk, self.min_group = max_memory_mb, max_chunk, min_group
         self._broken: dict[str, str] = {}  # arch -> why batching it failed (skip it next time)
         self._decomposable_by_key: dict[Any, bool] = {}  # group key -> padding check result
