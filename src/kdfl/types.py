@@ -32,6 +32,9 @@ class TensorData:
 
     x: Tensor
     y: Tensor
+    # (parent, row indices) when made by ``parent.subset``: lets a process pool that holds
+    # the parent send the indices instead of the rows; never pickled, never compared
+    origin: tuple[TensorData, Tensor] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
@@ -42,7 +45,14 @@ class TensorData:
 
     def subset(self, index: Tensor | Sequence[int]) -> TensorData:
         idx = torch.as_tensor(index, dtype=torch.long)
-        return TensorData(self.x[idx], self.y[idx])
+        return TensorData(self.x[idx], self.y[idx], (self, idx))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"x": self.x, "y": self.y}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in {**state, "origin": None}.items():
+            object.__setattr__(self, k, v)
 
 
 @dataclass(frozen=True)

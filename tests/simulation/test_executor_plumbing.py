@@ -190,3 +190,24 @@ def test_executor_specs_build_configured_executors():
     assert make_executor("auto:workers=1").parallel is None  # never a pool
     assert make_executor("vectorized:max_chunk=8,max_memory_mb=64.5").max_chunk == 8
     assert make_executor("sequential").name == "sequential"
+
+
+def test_client_data_from_the_training_pool_travels_as_row_indices():
+    import pickle
+
+    from kdfl.types import TensorData
+
+    task, clients = make_task(["mlp:hidden=16"], SIZES)
+    flipped = TensorData(clients[0].data.x, (clients[0].data.y + 1) % 5)  # a poisoned client's own rows
+    payload = [c.data for c in clients] + [flipped]
+    full, small = par.dumps(payload), par.dumps(payload, pool=task.train)
+    assert len(small) < len(full) // 3
+    out = par.loads(small, pool=task.train)
+    for a, b in zip(payload, out, strict=True):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert out[0].origin[0] is task.train and out[-1].origin is None
+    with pytest.raises(pickle.UnpicklingError, match="no pool"):
+        par.loads(small)
+    # a subset of another data set is not mistaken for one of the pool
+    other = TensorData(task.train.x.clone(), task.train.y.clone())
+    assert len(par.dumps([other.subset([0, 1, 2])], pool=task.train)) > len(par.dumps([clients[2].data], pool=task.train))

@@ -2,8 +2,10 @@
 
 The pool starts on the first round and lives as long as the executor (one run): each
 worker runs one torch thread (``torch.set_num_threads(1)``) and receives the
-:class:`~kdfl.types.Task` once, in its initializer; every round only the jobs travel
-(clients with their data, and each distinct downlink payload once). The jobs are cut into
+:class:`~kdfl.types.Task` (with the training pool) once, in its initializer; every round
+only the jobs travel: clients whose data is a subset of the task's training pool (as the
+engine makes them) as row indices, other client data (a poisoned client's flipped
+labels, say) as rows, and each distinct downlink payload once. The jobs are cut into
 one shard per worker, balanced by training work (longest first). Inside a worker the
 clients run with an *inner* executor: ``sequential`` (the default: the results are
 bit-identical to the sequential executor, which the tests check with ``torch.equal``)
@@ -42,7 +44,7 @@ import torch
 from torch import Tensor
 
 from kdfl.simulation.executors import ClientFailure, Job, Result
-from kdfl.types import Algorithm, KdflError, Task
+from kdfl.types import Algorithm, KdflError, Task, TensorData
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def _shm_write(size: int) -> tuple[str, mmap.mmap] | None:
         os.close(fd)
 
 
-def dumps(obj: Any, shm: bool = False) -> bytes:
+def dumps(obj: Any, shm: bool = False, pool: TensorData | None = None) -> bytes:
     """Pickle ``obj`` with all its plain CPU tensors packed into one trailing buffer.
 
     With ``shm`` (results a worker sends back), a buffer of at least ``SHM_MIN_BYTES``
@@ -82,12 +84,18 @@ def dumps(obj: Any, shm: bool = False) -> bytes:
     pipe: 1000 mnist1d CNN deltas are 96 MB, and each fresh 96 MB buffer costs ~75 ms of
     page faults on this kind of VM, so the pickled route (5 copies) took ~0.9 s a round
     and the file route ~0.1 s. :func:`loads` maps the file and unlinks it.
+
+    With ``pool`` (the training pool the workers already hold), client data made by
+    ``pool.subset(idx)`` travels as its row indices and is rebuilt on the other side
+    (``loads(..., pool=...)``): the data is shipped once, with the task.
     """
     tensors: list[Tensor] = []
     index: dict[int, int] = {}
 
     class _Pickler(pickle.Pickler):
         def persistent_id(self, o: Any) -> Any:
+            if pool is not None and type(o) is TensorData and o.origin is not None and o.origin[0] is pool:
+                return ("subset", self.persistent_id(o.origin[1]))
             if type(o) is Tensor and o.device.type == "cpu" and o.layout == torch.strided and not o.requires_grad \
                     and not o.is_quantized:
                 if id(o) not in index:
@@ -139,7 +147,7 @@ def _fill(buf: Tensor, tensors: Sequence[Tensor], metas: Sequence[tuple[torch.dt
                 view[pos // size : pos // size + t.numel()].view(t.shape).copy_(t)
 
 
-def loads(data: bytes) -> Any:
+def loads(data: bytes, pool: TensorData | None = None) -> Any:
     """Inverse of :func:`dumps`. Tensors from the pipe get their own storage; tensors from
     a shared-memory file are views of one private (copy-on-write) mapping of it, which
     lives as long as any of them (the file itself is unlinked here)."""
@@ -170,6 +178,10 @@ def loads(data: bytes) -> Any:
 
     class _Unpickler(pickle.Unpickler):
         def persistent_load(self, pid: Any) -> Any:
+            if isinstance(pid, tuple):  # ("subset", rows) of the training pool
+                if pool is None:
+                    raise pickle.UnpicklingError("client data was sent as row indices but no pool is known here")
+                return pool.subset(tensors[pid[1]])
             return tensors[pid]
 
     return _Unpickler(io.BytesIO(head)).load()
@@ -211,8 +223,8 @@ def _inner(name: str) -> Any:
 
 
 def _work(blob: bytes) -> bytes:
-    algorithm, inner, jobs = loads(blob)
     assert _TASK is not None
+    algorithm, inner, jobs = loads(blob, pool=_TASK.train)
     return dumps(_inner(inner).run(algorithm, _TASK, jobs), shm=True)
 
 
@@ -328,7 +340,7 @@ class Parallel:
         assert self._pool is not None
         results: list[Result | None] = [None] * len(jobs)
         shards = shard(jobs, self.workers)
-        futures = [(s, self._pool.submit(_work, dumps((algorithm, self.inner, [jobs[i] for i in s]))))
+        futures = [(s, self._pool.submit(_work, dumps((algorithm, self.inner, [jobs[i] for i in s]), pool=task.train)))
                    for s in shards]
         broken: list[int] = []
         for positions, fut in futures:
@@ -353,7 +365,7 @@ class Parallel:
                 results[i] = run_one(algorithm, task, *jobs[i])
                 continue
             assert self._pool is not None
-            fut: Future[bytes] = self._pool.submit(_work, dumps((algorithm, self.inner, [jobs[i]])))
+            fut: Future[bytes] = self._pool.submit(_work, dumps((algorithm, self.inner, [jobs[i]]), pool=task.train))
             try:
                 results[i] = loads(fut.result())[0]
             except BrokenProcessPool as e:
