@@ -105,8 +105,25 @@ def apply_delta(params: StateDict, delta: StateDict, lr: float = 1.0) -> StateDi
     return tree.add(params, delta, lr)
 
 
+class DeltaClient:
+    """The client half of weight-sharing algorithms after ``prepare``: the update is the
+    delta of the trained weights from the downlink weights (FedAvg, FedProx, FedAvgM, FedDF)."""
+
+    def finish(self, task: Task, downlink: Payload, client: Client, model: nn.Module,
+               stats: dict[str, float]) -> ClientUpdate:
+        return delta_update(client, downlink, model, stats)
+
+    def finish_stacked(self, task: Task, jobs: Sequence[tuple[Client, Payload]], state: StateDict,
+                       stats: Sequence[dict[str, float]]) -> list[ClientUpdate]:
+        """``finish`` for many clients whose trained states are stacked (vectorized executor)."""
+        return stacked_delta_updates(jobs, state, stats)
+
+    def client_update(self, task: Task, downlink: Payload, client: Client) -> ClientUpdate:
+        return local_update(self, task, downlink, client)  # type: ignore[arg-type]  # prepare comes with the subclass
+
+
 @dataclass(frozen=True)
-class FedAvg:
+class FedAvg(DeltaClient):
     """FedAvg, with an optional robust aggregation rule for the deltas.
 
     Args:
@@ -139,18 +156,6 @@ class FedAvg:
 
     def prepare(self, task: Task, downlink: Payload, client: Client) -> LocalJob:
         return LocalJob(client.arch, downlink, self.loss(downlink), self.local)
-
-    def finish(self, task: Task, downlink: Payload, client: Client, model: nn.Module,
-               stats: dict[str, float]) -> ClientUpdate:
-        return delta_update(client, downlink, model, stats)
-
-    def finish_stacked(self, task: Task, jobs: Sequence[tuple[Client, Payload]], state: StateDict,
-                       stats: Sequence[dict[str, float]]) -> list[ClientUpdate]:
-        """``finish`` for many clients whose trained states are stacked (vectorized executor)."""
-        return stacked_delta_updates(jobs, state, stats)
-
-    def client_update(self, task: Task, downlink: Payload, client: Client) -> ClientUpdate:
-        return local_update(self, task, downlink, client)
 
     def validate(self, task: Task, state: ServerState, update: ClientUpdate) -> None:
         check_delta(update, state.params)

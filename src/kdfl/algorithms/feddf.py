@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 import torch
 
 from kdfl import tree
-from kdfl.algorithms.base import LocalJob, local_update
+from kdfl.algorithms.base import LocalJob
 from kdfl.algorithms.fedavg import (
+    DeltaClient,
     aggregate_deltas,
     apply_delta,
     check_delta,
-    delta_update,
     deltas_of,
     init_params,
-    stacked_delta_updates,
 )
 from kdfl.distill import DistillSettings, distill, ensemble_logits
 from kdfl.losses import cross_entropy
@@ -58,7 +57,7 @@ def drop_worst(accuracies: Sequence[float], num_classes: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class FedDF:
+class FedDF(DeltaClient):
     """FedDF with per-architecture prototypes.
 
     Args:
@@ -120,16 +119,6 @@ class FedDF:
 
     def prepare(self, task: Task, downlink: Payload, client: Client) -> LocalJob:
         return LocalJob(client.arch, downlink, cross_entropy(), self.local)
-
-    def finish(self, task, downlink, client, model, stats) -> ClientUpdate:  # type: ignore[no-untyped-def]
-        return delta_update(client, downlink, model, stats)
-
-    def finish_stacked(self, task: Task, jobs: Sequence[tuple[Client, Payload]], state: StateDict,
-                       stats: Sequence[dict[str, float]]) -> list[ClientUpdate]:
-        return stacked_delta_updates(jobs, state, stats)
-
-    def client_update(self, task: Task, downlink: Payload, client: Client) -> ClientUpdate:
-        return local_update(self, task, downlink, client)
 
     def validate(self, task: Task, state: ServerState, update: ClientUpdate) -> None:
         check_delta(update, state.extra["protos"][task.client_archs[update.client_id]])
