@@ -256,3 +256,17 @@ def test_make_aggregator_validation():
     assert torch.equal(make_aggregator("krum", _=1)(X, ONES), krum(X, ONES, f=1))
     fn = make_aggregator("trimmed_mean", beta=0.2)
     assert torch.allclose(fn(X, ONES), trimmed_mean(X, ONES, beta=0.2))
+
+
+def test_aggregator_specs_and_direct_calls_share_one_validation():
+    from kdfl.spec import parse_spec
+
+    name, hyper = parse_spec("krum:1")
+    assert torch.equal(make_aggregator(name, **hyper)(X, ONES), krum(X, ONES, f=1))
+    name, hyper = parse_spec("multi_krum:f=1,m=2")
+    assert torch.equal(make_aggregator(name, **hyper)(X, ONES), multi_krum(X, ONES, f=1, m=2))
+    with pytest.raises(KdflError, match="aggregator 'krum': f is given twice"):
+        make_aggregator("krum", _=1, f=1)
+    with pytest.raises(KdflError, match=r"aggregator 'trimmed_mean': beta must be a number in \[0, 0.5\), got 0.7"):
+        trimmed_mean(X, ONES, beta=0.7)  # called directly: the same check and message
+    assert list(AGGREGATORS.defaults("multi_krum")) == ["f", "m"]

@@ -152,3 +152,14 @@ def test_registry_and_validation():
         ipm(_x(), torch.ones(6, dtype=torch.bool), None)
     with pytest.raises(KdflError, match="bool mask"):
         sign_flip(_x(), torch.tensor([0, 1, 0, 0, 1, 0]), None)
+
+
+def test_attack_specs_and_direct_calls_share_one_validation():
+    x = _x()
+    assert torch.equal(make_attack("scaled", _=5.0)(x, MASK, None), scaled(x, MASK, None, lam=5.0))
+    with pytest.raises(KdflError, match=r"attack 'gaussian': mode must be replace \| add, got 'swap'"):
+        gaussian(x, MASK, _gen(), mode="swap")  # the Literal annotation is the check
+    with pytest.raises(KdflError, match=r"attack 'label_flip': mode must be reverse \| shift"):
+        flip_labels(torch.tensor([0, 1]), 2, mode="up")  # type: ignore[arg-type]
+    with pytest.raises(KdflError, match="attack 'label_flip' has no hyperparameter 'rng'"):
+        make_attack("label_flip", rng=None)  # supplied by the engine, not a hyperparameter

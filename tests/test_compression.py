@@ -171,7 +171,7 @@ def test_make_codec():
     assert set(CODECS) == {"fp32", "fp16", "int8", "topk"}
     with pytest.raises(KdflError, match="'int8'"):
         make_codec("int9")
-    with pytest.raises(KdflError, match="needs k"):
+    with pytest.raises(KdflError, match="needs parameter k"):
         make_codec("topk")
     with pytest.raises(KdflError, match="integer >= 1"):
         make_codec("topk:0")
@@ -181,3 +181,9 @@ def test_make_codec():
         make_codec("fp32:3")
     with pytest.raises(KdflError, match="no parameter 'bits'; allowed: k, fill_gap"):
         make_codec("topk:k=3,bits=4")
+    with pytest.raises(KdflError, match="codec 'topk': k is given twice"):
+        make_codec("topk:3,k=3")
+    with pytest.raises(KdflError, match="codec spec 'topk:k='"):
+        make_codec("topk:k=")
+    with pytest.raises(KdflError, match=r"codec 'topk': fill_gap must be a finite number >= 0.01, got 0"):
+        TopK(2, fill_gap=0)  # built directly: the same check and message

@@ -28,100 +28,40 @@ Sources:
 from __future__ import annotations
 
 import functools
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from kdfl.spec import unknown
+from kdfl.registry import Check, Option, Registry, is_int, is_real, signature_options
 from kdfl.types import KdflError
 
 Aggregator = Callable[..., Tensor]
 
 
 # ---------------------------------------------------------------------------------------
-# validation shared with kdfl.attacks and kdfl.compression
+# hyperparameters
 # ---------------------------------------------------------------------------------------
 
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# hyperparameter -> (is the value allowed?, the allowed range in words)
-Rule = tuple[Callable[[Any], bool], str]
-_RULES: dict[str, Rule] = {
-    "beta": (lambda v: _is_real(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
-    "f": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "m": (lambda v: v is None or (_is_int(v) and v >= 1), "None (meaning n - f) or an integer >= 1"),
-    "tau": (lambda v: _is_real(v) and v > 0, "a finite number > 0"),
-    "iters": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "nu": (lambda v: _is_real(v) and v > 0, "a finite number > 0"),
-    "eps": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
-    "init": (lambda v: v is None or isinstance(v, Tensor), "None or a (d,) tensor"),
+# hyperparameter -> what it accepts; one table for every rule that has it, used both by
+# make_aggregator and by the rules themselves (so direct calls are checked too)
+_CHECKS: dict[str, Check] = {
+    "beta": Check(lambda v: is_real(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "f": Check(lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "m": Check(lambda v: v is None or (is_int(v) and v >= 1), "None (meaning n - f) or an integer >= 1"),
+    "tau": Check(lambda v: is_real(v) and v > 0, "a finite number > 0"),
+    "iters": Check(lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "nu": Check(lambda v: is_real(v) and v > 0, "a finite number > 0"),
+    "eps": Check(lambda v: is_real(v) and v >= 0, "a finite number >= 0"),
+    "init": Check(lambda v: v is None or isinstance(v, Tensor), "None or a (d,) tensor"),
 }
 
 
-def check_ranges(owner: str, rules: Mapping[str, Rule], **hyper: Any) -> None:
-    """Raise :class:`KdflError` naming the first hyperparameter outside its range."""
-    for key, value in hyper.items():
-        if key in rules:
-            ok, allowed = rules[key]
-            if not ok(value):
-                raise KdflError(f"{owner}: {key}={value!r} is out of range; allowed: {allowed}")
-
-
-def check_hyper(kind: str, name: str, fn: Callable[..., Any], hyper: Mapping[str, Any]) -> None:
-    """Check ``hyper`` against ``fn``'s keyword-only parameters (its hyperparameters).
-
-    Raises:
-        KdflError: an unknown hyperparameter (naming the allowed ones) or a missing
-            required one.
-    """
-    # ``rng`` is an explicit argument, never a hyperparameter
-    params = [
-        p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY and p.name != "rng"
-    ]
-    allowed = [p.name for p in params]
-    for key in hyper:
-        if key not in allowed:
-            listed = ", ".join(allowed) if allowed else "none"
-            raise KdflError(f"{kind} {name!r} has no hyperparameter {key!r}; allowed: {listed}")
-    missing = [p.name for p in params if p.default is p.empty and p.name not in hyper]
-    if missing:
-        example = ", ".join(f"{m}=..." for m in missing)
-        raise KdflError(f"{kind} {name!r} needs hyperparameter(s) {', '.join(missing)}, e.g. {name}:{example}")
-
-
-def bind_positional(kind: str, name: str, fn: Callable[..., Any], hyper: Mapping[str, Any]) -> dict[str, Any]:
-    """Map a bare spec value (``"krum:2"`` parses to ``{"_": 2}``) to the first hyperparameter."""
-    out = dict(hyper)
-    if "_" not in out:
-        return out
-    params = [
-        p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY and p.name != "rng"
-    ]
-    if not params:
-        raise KdflError(f"{kind} {name!r} takes no hyperparameters, got {out['_']!r}")
-    if params[0] in out:
-        raise KdflError(f"{kind} {name!r}: {params[0]} is given twice")
-    out[params[0]] = out.pop("_")
-    return out
-
-
-def lookup(kind: str, name: str, registry: Mapping[str, Any]) -> Any:
-    """``registry[name]``, or a :class:`KdflError` listing the names and close matches."""
-    if name not in registry:
-        raise unknown(kind, name, registry)
-    return registry[name]
+def _hyperparameters(fn: Aggregator) -> dict[str, Option]:
+    """A rule's hyperparameters: everything after ``x`` and ``w``."""
+    return signature_options(fn, skip=("x", "w"), checks=_CHECKS)
 
 
 def _check_xw(x: Tensor, w: Tensor | Sequence[float], owner: str, *, need_weight: bool) -> Tensor:
@@ -195,7 +135,7 @@ def trimmed_mean(x: Tensor, w: Tensor, *, beta: float = 0.1) -> Tensor:
         w: (n,) client weights.
         beta: trim fraction per side (β), in [0, 0.5); tolerates ``f <= floor(beta n)``.
     """
-    check_ranges("trimmed_mean", _RULES, beta=beta)
+    AGGREGATORS.check("trimmed_mean", beta=beta)
     w = _check_xw(x, w, "trimmed_mean", need_weight=True)
     n = x.shape[0]
     b = math.floor(beta * n)
@@ -238,7 +178,7 @@ def krum(x: Tensor, w: Tensor, *, f: int) -> Tensor:
         w: (n,) client weights (unused).
         f: number of Byzantine clients to tolerate; needs ``n >= 2f + 3``.
     """
-    check_ranges("krum", _RULES, f=f)
+    AGGREGATORS.check("krum", f=f)
     _check_xw(x, w, "krum", need_weight=False)
     _byzantine_precondition("krum", x.shape[0], f, 2)
     scores = _krum_scores(_sq_dists(x), f)  # (n,)
@@ -255,7 +195,7 @@ def multi_krum(x: Tensor, w: Tensor, *, f: int, m: int | None = None) -> Tensor:
         f: number of Byzantine clients to tolerate; needs ``n >= 2f + 3``.
         m: how many uploads to average; ``None`` means ``n - f``. ``m=1`` is Krum.
     """
-    check_ranges("multi_krum", _RULES, f=f, m=m)
+    AGGREGATORS.check("multi_krum", f=f, m=m)
     w = _check_xw(x, w, "multi_krum", need_weight=False)
     n = x.shape[0]
     _byzantine_precondition("multi_krum", n, f, 2)
@@ -283,7 +223,7 @@ def bulyan(x: Tensor, w: Tensor, *, f: int) -> Tensor:
         w: (n,) client weights (unused).
         f: number of Byzantine clients to tolerate; needs ``n >= 4f + 3``.
     """
-    check_ranges("bulyan", _RULES, f=f)
+    AGGREGATORS.check("bulyan", f=f)
     _check_xw(x, w, "bulyan", need_weight=False)
     n = x.shape[0]
     _byzantine_precondition("bulyan", n, f, 4)
@@ -318,7 +258,7 @@ def geometric_median(
         nu: smoothing (ν): distances below ``nu`` count as ``nu`` (code default 0.1).
         eps: relative tolerance for stopping early; 0 runs all ``iters``.
     """
-    check_ranges("geometric_median", _RULES, iters=iters, nu=nu, eps=eps)
+    AGGREGATORS.check("geometric_median", iters=iters, nu=nu, eps=eps)
     w = _check_xw(x, w, "geometric_median", need_weight=True)
     a = w / w.sum()  # (n,)
     z = _median(x)  # (d,)
@@ -350,7 +290,7 @@ def centered_clipping(
             None (no history) the coordinate-wise median of ``x`` is used, so a first
             round is not dragged by outliers.
     """
-    check_ranges("centered_clipping", _RULES, tau=tau, iters=iters, init=init)
+    AGGREGATORS.check("centered_clipping", tau=tau, iters=iters, init=init)
     w = _check_xw(x, w, "centered_clipping", need_weight=True)
     a = w / w.sum()  # (n,)
     if init is None:
@@ -366,35 +306,37 @@ def centered_clipping(
     return v
 
 
-AGGREGATORS: dict[str, Aggregator] = {
-    "mean": mean,
-    "median": median,
-    "trimmed_mean": trimmed_mean,
-    "krum": krum,
-    "multi_krum": multi_krum,
-    "bulyan": bulyan,
-    "geometric_median": geometric_median,
-    "centered_clipping": centered_clipping,
-}
+AGGREGATORS: Registry[Aggregator] = Registry(
+    "aggregator",
+    {
+        "mean": mean,
+        "median": median,
+        "trimmed_mean": trimmed_mean,
+        "krum": krum,
+        "multi_krum": multi_krum,
+        "bulyan": bulyan,
+        "geometric_median": geometric_median,
+        "centered_clipping": centered_clipping,
+    },
+    word="hyperparameter",
+    positional=True,  # "krum:2" means f=2
+    options_of=_hyperparameters,
+)
 
 
 def make_aggregator(name: str, **hyper: Any) -> Callable[[Tensor, Tensor], Tensor]:
     """The rule ``name`` with its hyperparameters bound: ``fn(x, w) -> (d,)``.
 
     A bare value from a spec string (``"krum:2"`` gives ``_=2``) binds the rule's first
-    hyperparameter. Checks everything that does not depend on the number of clients now (the name, the
-    hyperparameter names and their ranges); ``n``-dependent preconditions such as Krum's
-    ``n >= 2f + 3`` are checked when the rule is called.
+    hyperparameter. Checks everything that does not depend on the number of clients now
+    (the name, the hyperparameter names and their ranges); ``n``-dependent preconditions
+    such as Krum's ``n >= 2f + 3`` are checked when the rule is called.
 
     Raises:
         KdflError: unknown rule (with close matches), unknown or missing hyperparameter,
             or a value out of range.
     """
-    fn = lookup("aggregator", name, AGGREGATORS)
-    hyper = bind_positional("aggregator", name, fn, hyper)
-    check_hyper("aggregator", name, fn, hyper)
-    check_ranges(name, _RULES, **hyper)
-    return functools.partial(fn, **hyper)
+    return functools.partial(AGGREGATORS.get(name), **AGGREGATORS.bind(name, hyper))
 
 
 def aggregate_tensors(

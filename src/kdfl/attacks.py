@@ -33,27 +33,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdfl.aggregation import Rule, _is_int, _is_real, bind_positional, check_hyper, check_ranges, lookup
+from kdfl.registry import Check, Option, Registry, is_int, is_real, signature_options
 from kdfl.types import KdflError
 
-_DEVS = ("unit_vec", "std", "sign")
-_RULES: dict[str, Rule] = {
-    "scale": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
-    "lam": (_is_real, "a finite number"),
-    "sigma": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
-    "z": (lambda v: v is None or _is_real(v), "None (computed from n and f) or a finite number"),
-    "eps": (_is_real, "a finite number"),
-    "dev": (lambda v: v in _DEVS, " | ".join(_DEVS)),
-    "gamma_init": (lambda v: _is_real(v) and v > 0, "a finite number > 0"),
-    "tol": (lambda v: _is_real(v) and v > 0, "a finite number > 0"),
+# hyperparameter -> what it accepts; ``dev`` and ``mode`` are checked against their
+# Literal annotations, which differ per attack
+_CHECKS: dict[str, Check] = {
+    "scale": Check(lambda v: is_real(v) and v >= 0, "a finite number >= 0"),
+    "lam": Check(is_real, "a finite number"),
+    "sigma": Check(lambda v: is_real(v) and v >= 0, "a finite number >= 0"),
+    "z": Check(lambda v: v is None or is_real(v), "None (computed from n and f) or a finite number"),
+    "eps": Check(is_real, "a finite number"),
+    "gamma_init": Check(lambda v: is_real(v) and v > 0, "a finite number > 0"),
+    "tol": Check(lambda v: is_real(v) and v > 0, "a finite number > 0"),
 }
-_MODES = {"gaussian": ("replace", "add"), "label_flip": ("reverse", "shift"), "flip_labels": ("reverse", "shift")}
-
-
-def _check(owner: str, **hyper: Any) -> None:
-    check_ranges(owner, _RULES, **hyper)
-    if "mode" in hyper and hyper["mode"] not in _MODES.get(owner, ()):
-        raise KdflError(f"{owner}: mode={hyper['mode']!r} is out of range; allowed: {' | '.join(_MODES[owner])}")
+# what the engine supplies to an attack: not hyperparameters
+_INPUTS = ("x", "malicious", "rng", "y", "num_classes")
 
 
 def _check_xm(x: Tensor, malicious: Tensor, owner: str) -> Tensor:
@@ -84,14 +79,14 @@ def _replace(x: Tensor, mask: Tensor, rows: Tensor) -> Tensor:
 
 def sign_flip(x: Tensor, malicious: Tensor, rng: torch.Generator | None, *, scale: float = 1.0) -> Tensor:
     """Each malicious client sends ``-scale * x_i`` (negated logits / flipped update)."""
-    _check("sign_flip", scale=scale)
+    ATTACKS.check("sign_flip", scale=scale)
     mask = _check_xm(x, malicious, "sign_flip")
     return _replace(x, mask, -scale * x[mask])
 
 
 def scaled(x: Tensor, malicious: Tensor, rng: torch.Generator | None, *, lam: float = 10.0) -> Tensor:
     """Each malicious client sends ``lam * x_i`` (over-confident teacher / boosted update)."""
-    _check("scaled", lam=lam)
+    ATTACKS.check("scaled", lam=lam)
     mask = _check_xm(x, malicious, "scaled")
     return _replace(x, mask, lam * x[mask])
 
@@ -108,7 +103,7 @@ def gaussian(
 
     Each malicious row gets its own draw from ``rng`` (same generator state, same noise).
     """
-    _check("gaussian", sigma=sigma, mode=mode)
+    ATTACKS.check("gaussian", sigma=sigma, mode=mode)
     mask = _check_xm(x, malicious, "gaussian")
     if not isinstance(rng, torch.Generator):
         raise KdflError("gaussian: pass an explicit torch.Generator as rng (kdfl never draws from global state)")
@@ -141,7 +136,7 @@ def alie(x: Tensor, malicious: Tensor, rng: torch.Generator | None, *, z: float 
         z: the deviation in standard deviations; None computes it from n and
             f = #malicious with :func:`alie_z`.
     """
-    _check("alie", z=z)
+    ATTACKS.check("alie", z=z)
     mask = _check_xm(x, malicious, "alie")
     if not bool(mask.any()):
         return x.clone()
@@ -155,7 +150,7 @@ def alie(x: Tensor, malicious: Tensor, rng: torch.Generator | None, *, z: float 
 
 def ipm(x: Tensor, malicious: Tensor, rng: torch.Generator | None, *, eps: float = 0.1) -> Tensor:
     """Inner-product manipulation (Xie et al., UAI 2019): ``-eps * mean(honest)``."""
-    _check("ipm", eps=eps)
+    ATTACKS.check("ipm", eps=eps)
     mask = _check_xm(x, malicious, "ipm")
     if not bool(mask.any()):
         return x.clone()
@@ -221,7 +216,7 @@ def min_max(
         gamma_init: the first gamma tried (γ_init).
         tol: the search stops when the step falls below this.
     """
-    _check("min_max", dev=dev, gamma_init=gamma_init, tol=tol)
+    ATTACKS.check("min_max", dev=dev, gamma_init=gamma_init, tol=tol)
     mask = _check_xm(x, malicious, "min_max")
     if not bool(mask.any()):
         return x.clone()
@@ -248,7 +243,7 @@ def min_sum(
     Like :func:`min_max` with the constraint
     ``sum_{i in H} ||x' - x_i||^2 <= max_{i in H} sum_{j in H} ||x_i - x_j||^2``.
     """
-    _check("min_sum", dev=dev, gamma_init=gamma_init, tol=tol)
+    ATTACKS.check("min_sum", dev=dev, gamma_init=gamma_init, tol=tol)
     mask = _check_xm(x, malicious, "min_sum")
     if not bool(mask.any()):
         return x.clone()
@@ -280,8 +275,8 @@ def flip_labels(
     Returns:
         The flipped labels, same shape and dtype as ``y``.
     """
-    _check("flip_labels", mode=mode)
-    if not _is_int(num_classes) or num_classes < 2:
+    ATTACKS.check("label_flip", mode=mode)
+    if not is_int(num_classes) or num_classes < 2:
         raise KdflError(f"flip_labels: num_classes must be an integer >= 2, got {num_classes!r}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise KdflError(f"flip_labels: labels must be an integer tensor, got {y.dtype}")
@@ -307,16 +302,28 @@ class AttackSpec:
     description: str
 
 
-ATTACKS: dict[str, AttackSpec] = {
-    "sign_flip": AttackSpec(sign_flip, False, "upload", "send -scale * own upload"),
-    "scaled": AttackSpec(scaled, False, "upload", "send lam * own upload"),
-    "gaussian": AttackSpec(gaussian, False, "upload", "send (or add) N(0, sigma^2) noise"),
-    "alie": AttackSpec(alie, True, "upload", "A Little Is Enough: mu - z * sigma of the honest uploads"),
-    "ipm": AttackSpec(ipm, True, "upload", "inner-product manipulation: -eps * honest mean"),
-    "min_max": AttackSpec(min_max, True, "upload", "NDSS'21 min-max: within the honest max pairwise distance"),
-    "min_sum": AttackSpec(min_sum, True, "upload", "NDSS'21 min-sum: within the honest max sum of squared distances"),
-    "label_flip": AttackSpec(flip_labels, False, "data", "train on flipped labels (C-1-y or y+1 mod C)"),
-}
+def _hyperparameters(spec: AttackSpec) -> dict[str, Option]:
+    return signature_options(spec.fn, skip=_INPUTS, checks=_CHECKS)
+
+
+ATTACKS: Registry[AttackSpec] = Registry(
+    "attack",
+    {
+        "sign_flip": AttackSpec(sign_flip, False, "upload", "send -scale * own upload"),
+        "scaled": AttackSpec(scaled, False, "upload", "send lam * own upload"),
+        "gaussian": AttackSpec(gaussian, False, "upload", "send (or add) N(0, sigma^2) noise"),
+        "alie": AttackSpec(alie, True, "upload", "A Little Is Enough: mu - z * sigma of the honest uploads"),
+        "ipm": AttackSpec(ipm, True, "upload", "inner-product manipulation: -eps * honest mean"),
+        "min_max": AttackSpec(min_max, True, "upload", "NDSS'21 min-max: within the honest max pairwise distance"),
+        "min_sum": AttackSpec(
+            min_sum, True, "upload", "NDSS'21 min-sum: within the honest max sum of squared distances"
+        ),
+        "label_flip": AttackSpec(flip_labels, False, "data", "train on flipped labels (C-1-y or y+1 mod C)"),
+    },
+    word="hyperparameter",
+    positional=True,  # "scaled:5" means lam=5
+    options_of=_hyperparameters,
+)
 
 
 def make_attack(name: str, **hyper: Any) -> Callable[..., Tensor]:
@@ -329,11 +336,7 @@ def make_attack(name: str, **hyper: Any) -> Callable[..., Tensor]:
         KdflError: unknown attack (with close matches), unknown hyperparameter (naming the
             allowed ones) or a value out of range.
     """
-    spec: AttackSpec = lookup("attack", name, ATTACKS)
-    hyper = bind_positional("attack", name, spec.fn, hyper)
-    check_hyper("attack", name, spec.fn, hyper)
-    _check(name, **hyper)
-    return functools.partial(spec.fn, **hyper)
+    return functools.partial(ATTACKS.get(name).fn, **ATTACKS.bind(name, hyper))
 
 
 def choose_malicious(num_clients: int, fraction: float, seed: int) -> frozenset[int]:
@@ -342,9 +345,9 @@ def choose_malicious(num_clients: int, fraction: float, seed: int) -> frozenset[
     ``round(fraction * num_clients)`` ids (Python rounding) drawn without replacement by
     ``numpy.random.default_rng(seed)``: the same arguments give the same set.
     """
-    if not _is_int(num_clients) or num_clients < 1:
+    if not is_int(num_clients) or num_clients < 1:
         raise KdflError(f"choose_malicious: num_clients must be an integer >= 1, got {num_clients!r}")
-    if not _is_real(fraction) or not 0 <= fraction < 1:
+    if not is_real(fraction) or not 0 <= fraction < 1:
         raise KdflError(f"choose_malicious: fraction={fraction!r} is out of range; allowed: [0, 1)")
     k = round(fraction * num_clients)
     ids = np.random.default_rng(seed).choice(num_clients, size=k, replace=False)

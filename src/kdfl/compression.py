@@ -16,16 +16,14 @@ Specs for :func:`make_codec`: ``"fp32"``, ``"fp16"``, ``"int8"``, ``"topk:3"`` (
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from kdfl.aggregation import _is_int, _is_real, lookup
-from kdfl.spec import parse_spec
+from kdfl.registry import Check, Option, Registry, is_int, is_real, signature_options
 from kdfl.types import KdflError, Payload, PayloadError
 
 
@@ -256,10 +254,7 @@ class TopK:
     fill_gap: float = 10.0
 
     def __post_init__(self) -> None:
-        if not _is_int(self.k) or self.k < 1:
-            raise KdflError(f"topk: k={self.k!r} is out of range; allowed: an integer >= 1 (and <= cols)")
-        if not _is_real(self.fill_gap) or self.fill_gap < 0.01:
-            raise KdflError(f"topk: fill_gap={self.fill_gap!r} is out of range; allowed: a finite number >= 0.01")
+        CODECS.check("topk", k=self.k, fill_gap=self.fill_gap)
 
     @property
     def name(self) -> str:
@@ -320,7 +315,24 @@ class TopK:
         return out.scatter_(1, idx, fp16_bound(vals))
 
 
-CODECS: dict[str, type] = {"fp32": FP32, "fp16": FP16, "int8": Int8, "topk": TopK}
+# parameter -> what it accepts (TopK checks the same when built directly)
+_CHECKS: dict[str, Check] = {
+    "k": Check(lambda v: is_int(v) and v >= 1, "an integer >= 1 (and <= cols)"),
+    "fill_gap": Check(lambda v: is_real(v) and v >= 0.01, "a finite number >= 0.01"),
+}
+
+
+def _parameters(cls: type) -> dict[str, Option]:
+    return signature_options(cls, checks=_CHECKS)
+
+
+CODECS: Registry[type] = Registry(
+    "codec",
+    {"fp32": FP32, "fp16": FP16, "int8": Int8, "topk": TopK},
+    word="parameter",
+    positional=True,  # "topk:3" means k=3
+    options_of=_parameters,
+)
 
 
 def make_codec(spec: str) -> Codec:
@@ -330,25 +342,9 @@ def make_codec(spec: str) -> Codec:
     ``key=value`` (``"topk:k=3,fill_gap=20"``).
 
     Raises:
-        KdflError: unknown codec (with close matches), unknown or missing parameter, or a
-            value out of range.
+        KdflError: a malformed spec, unknown codec (with close matches), unknown or
+            missing parameter, or a value out of range.
     """
-    name, params = parse_spec(spec)
-    cls = lookup("codec", name, CODECS)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    if "_" in params:
-        if not fields:
-            raise KdflError(f"codec {name!r} takes no parameters, got {spec!r}")
-        if fields[0] in params:
-            raise KdflError(f"codec spec {spec!r} gives {fields[0]} twice")
-        params[fields[0]] = params.pop("_")
-    for key in params:
-        if key not in fields:
-            allowed = ", ".join(fields) if fields else "none"
-            raise KdflError(f"codec {name!r} has no parameter {key!r}; allowed: {allowed}")
-    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-    missing = [r for r in required if r not in params]
-    if missing:
-        raise KdflError(f"codec {name!r} needs {', '.join(missing)}: write e.g. {name}:3 or {name}:{missing[0]}=3")
-    codec: Any = cls(**params)
+    cls, params = CODECS.resolve(spec)
+    codec: Codec = cls(**params)
     return codec

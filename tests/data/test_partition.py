@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -111,7 +113,7 @@ def test_natural():
     [
         ("dirichlet", {"alpha": 0.0}, "alpha must be a finite number > 0"),
         ("dirichlet", {"alpha": -1}, "alpha"),
-        ("dirichlet", {"alpha": 1.0, "beta": 2}, "'beta'.*allowed: alpha, min_size, max_tries"),
+        ("dirichlet", {"alpha": 1.0, "beta": 2}, "'beta'.*allowed: alpha, min_size=10, max_tries=1000"),
         ("dirichlet", {}, "needs parameter alpha"),
         ("iid", {"alpha": 1.0}, "'alpha'.*allowed: none"),
         ("shards", {"classes_per_client": 0}, "classes_per_client must be an integer >= 1"),
@@ -122,6 +124,18 @@ def test_natural():
 def test_bad_params_name_the_key(name, params, needle):
     with pytest.raises(KdflError, match=needle):
         make_partition(name, labels_for(100), 2, 0, **params)
+
+
+def test_natural_and_partition_params():
+    from kdfl.data.partition import partition_params
+
+    with pytest.raises(KdflError, match="partition 'natural' takes no parameters, got 'alpha'"):
+        make_partition("natural", labels_for(10), 1, 0, natural=[np.arange(10)], alpha=1.0)
+    with pytest.raises(KdflError, match=r"unknown partition 'natrual'\. Did you mean 'natural'"):
+        make_partition("natrual", labels_for(10), 1, 0)
+    assert partition_params("natural") == {}
+    assert partition_params("shards") == {"classes_per_client": inspect.Parameter.empty}
+    assert partition_params("quantity_skew") == {"alpha": 1.0, "min_size": 10, "max_tries": 1000}
 
 
 def test_bad_num_clients():

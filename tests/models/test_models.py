@@ -88,6 +88,10 @@ def test_parse_arch() -> None:
         parse_arch("resnet8:gn")
     with pytest.raises(KdflError, match="no model name"):
         parse_arch(":width=3")
+    with pytest.raises(KdflError, match="needs one value after '='"):
+        parse_arch("resnet8:width=")
+    with pytest.raises(KdflError, match="gives width twice"):
+        parse_arch("resnet8:width=8,width=16")
 
 
 def test_arch_string_options_are_applied() -> None:
@@ -119,20 +123,22 @@ def test_arch_string_options_are_applied() -> None:
 
 
 def test_unknown_model_and_option_errors() -> None:
-    with pytest.raises(KdflError, match=r"unknown model 'resnet9'.*available: mlp.*Did you mean.*resnet8"):
+    with pytest.raises(KdflError, match=r"unknown model 'resnet9'\. Did you mean 'resnet8'.*Available: cnn, mlp"):
         build("resnet9", (3, 32, 32), 10)
-    with pytest.raises(KdflError, match=r"unknown option 'depth' for model 'resnet8'.*norm.*width.*groups"):
+    with pytest.raises(KdflError, match=r"model 'resnet8' has no option 'depth'; allowed: norm='bn', width=16, groups=2"):
         build("resnet8:depth=20", (3, 32, 32), 10)
-    with pytest.raises(KdflError, match=r"unknown option 'widht'"):
+    with pytest.raises(KdflError, match=r"no option 'widht'.*did you mean 'width'"):
         build("cnn", (1, 8, 8), 10, widht=3)
     with pytest.raises(KdflError, match=r"norm='batch'.*bn, gn, none"):
         build("resnet8:norm=batch", (3, 32, 32), 10)
-    with pytest.raises(KdflError, match=r"'width' must be like 16"):
+    with pytest.raises(KdflError, match=r"width must be an integer like 16, got 'wide'"):
         build("resnet8:width=wide", (3, 32, 32), 10)
     with pytest.raises(KdflError, match=r"groups=3 must divide"):
         build("resnet8:norm=gn,groups=3", (3, 32, 32), 10)
     with pytest.raises(KdflError, match=r"'hidden'"):
         build("mlp:hidden=abc", (60,), 10)
+    with pytest.raises(KdflError, match=r"model 'vgg9': dropout must be a number like 0.0, got True"):
+        build("vgg9:dropout=true", (3, 32, 32), 10)
     with pytest.raises(KdflError, match="num_classes"):
         build("mlp", (60,), 0)
 

@@ -11,14 +11,14 @@ FedAvg (McMahan et al., AISTATS 2017).
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from kdfl.registry import Check, Option, Registry, is_int, is_real, signature_options
+from kdfl.spec import unknown
 from kdfl.types import KdflError
 
 log = logging.getLogger(__name__)
@@ -152,37 +152,32 @@ def quantity_skew(labels: np.ndarray, num_clients: int, rng: np.random.Generator
     )
 
 
-PARTITIONS: dict[str, Callable[..., Partition]] = {
-    "iid": iid,
-    "dirichlet": dirichlet,
-    "shards": shards,
-    "quantity_skew": quantity_skew,
+# parameter -> what it accepts, shared by the partitions that have it
+_CHECKS: dict[str, Check] = {
+    "alpha": Check(lambda v: is_real(v) and v > 0, "a finite number > 0"),
+    "min_size": Check(lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "max_tries": Check(lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "classes_per_client": Check(lambda v: is_int(v) and v >= 1, "an integer >= 1"),
 }
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+def _parameters(fn: Callable[..., Partition]) -> dict[str, Option]:
+    """A partition's tunable parameters: all but the labels, client count and generator."""
+    return signature_options(fn, skip=("labels", "num_clients", "rng"), checks=_CHECKS)
 
 
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float | np.floating)) and math.isfinite(v)
-
-
-# name -> (check, allowed range in words) for every tunable parameter.
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "alpha": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "min_size": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "max_tries": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "classes_per_client": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-}
-_FIXED = ("labels", "num_clients", "rng")
+PARTITIONS: Registry[Callable[..., Partition]] = Registry(
+    "partition",
+    {"iid": iid, "dirichlet": dirichlet, "shards": shards, "quantity_skew": quantity_skew},
+    word="parameter",
+    options_of=_parameters,
+)
+NATURAL = "natural"  # the data set's own split: not a function of the labels, so not in PARTITIONS
 
 
 def partition_params(name: str) -> dict[str, Any]:
     """The tunable parameters of a partition and their defaults (``inspect.Parameter.empty`` = required)."""
-    if name == "natural":
-        return {}
-    sig = inspect.signature(PARTITIONS[name])
-    return {k: p.default for k, p in sig.parameters.items() if k not in _FIXED}
+    return {} if name == NATURAL else PARTITIONS.defaults(name)
 
 
 def make_partition(name: str, labels: np.ndarray, num_clients: int, seed: int,
@@ -204,26 +199,16 @@ def make_partition(name: str, labels: np.ndarray, num_clients: int, seed: int,
     labels = np.asarray(labels)
     if labels.ndim != 1 or (len(labels) and not np.issubdtype(labels.dtype, np.integer)):
         raise KdflError(f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
-    if not _is_int(num_clients) or num_clients < 1:
+    if not is_int(num_clients) or num_clients < 1:
         raise KdflError(f"num_clients must be an integer >= 1, got {num_clients!r}")
     num_clients = int(num_clients)
-    names = [*PARTITIONS, "natural"]
-    if name not in names:
-        raise KdflError(f"unknown partition {name!r}; available: {', '.join(names)}")
-    allowed = partition_params(name)
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        listed = ", ".join(allowed) or "none"
-        raise KdflError(f"unknown parameter {', '.join(map(repr, unknown))} for partition {name!r}; allowed: {listed}")
-    missing = [k for k, v in allowed.items() if v is inspect.Parameter.empty and k not in params]
-    if missing:
-        raise KdflError(f"partition {name!r} needs parameter {', '.join(missing)}")
-    for key, value in params.items():
-        check, words = _RULES[key]
-        if not check(value):
-            raise KdflError(f"partition {name!r}: {key} must be {words}, got {value!r}")
-    if name == "natural":
+    if name == NATURAL:
+        if params:
+            raise KdflError(f"partition {NATURAL!r} takes no parameters, got {', '.join(map(repr, params))}")
         return _natural(labels, num_clients, natural)
+    if name not in PARTITIONS:  # the standard error, with "natural" among the choices
+        raise unknown("partition", name, [*PARTITIONS, NATURAL])
+    params = PARTITIONS.bind(name, params)
     return PARTITIONS[name](labels, num_clients, rng=np.random.default_rng(seed), **params)
 
 

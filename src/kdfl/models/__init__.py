@@ -19,7 +19,6 @@ Input shapes: flat (D,) features, 1-D signals (C, L), 2-D images (C, H, W).
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,8 @@ from kdfl.models.compact import build_shufflenet
 from kdfl.models.mlp import build_mlp
 from kdfl.models.resnet import resnet_factory
 from kdfl.models.vgg import VGG9
-from kdfl.spec import parse_value
+from kdfl.registry import Option, Registry, default_options
+from kdfl.spec import parse_spec
 from kdfl.types import KdflError
 
 FLAT, ONE_D, TWO_D = "flat", "1d", "2d"
@@ -46,7 +46,8 @@ class ModelSpec:
     Attributes:
         factory: ``factory(input_shape, num_classes, **options) -> nn.Module``.
         description: one line for ``kdfl list models``.
-        options: the allowed options with their defaults (used to validate user options).
+        options: the allowed options with their defaults; an option accepts values of its
+            default's type (ints for floats; one value or a sequence for sequences).
         inputs: the input kinds the model handles: "flat", "1d", "2d".
     """
 
@@ -62,38 +63,39 @@ class ModelSpec:
 
 _NORM = {"norm": "bn", "width": 16, "groups": 2}
 
-MODELS: dict[str, ModelSpec] = {
-    "mlp": ModelSpec(
-        build_mlp, "MLP: flatten -> hidden ReLU layers -> linear; any input", {"hidden": (128,)}
-    ),
-    "cnn": ModelSpec(
-        build_cnn,
-        "small CNN: 2 conv blocks (width, 2*width) -> FC(hidden) -> linear; 1-D and 2-D",
-        {"width": 16, "hidden": 64},
-        (ONE_D, TWO_D),
-    ),
-    **{
-        f"resnet{depth}": ModelSpec(
-            resnet_factory(depth),
-            f"ResNet-{depth} (CIFAR-style, FedDF), stages w/2w/4w; norm bn|gn|none",
-            dict(_NORM),
-            (TWO_D,),
-        )
-        for depth in (8, 20, 32)
-    },
-    "vgg9": ModelSpec(
-        VGG9,  # the class is its own factory: VGG9(input_shape, num_classes, **options)
-        "VGG-9 without normalisation (FedMA/FedDF), 6 convs + 3 FC",
-        {"width": 32, "hidden": 512, "pool": 4, "dropout": 0.0},
+
+def _options(spec: ModelSpec) -> dict[str, Option]:
+    """A model's options, each typed by its default."""
+    return default_options(spec.options)
+
+
+MODELS: Registry[ModelSpec] = Registry("model", options_of=_options)
+MODELS.add("mlp", ModelSpec(build_mlp, "MLP: flatten -> hidden ReLU layers -> linear; any input", {"hidden": (128,)}))
+MODELS.add("cnn", ModelSpec(
+    build_cnn,
+    "small CNN: 2 conv blocks (width, 2*width) -> FC(hidden) -> linear; 1-D and 2-D",
+    {"width": 16, "hidden": 64},
+    (ONE_D, TWO_D),
+))
+for _depth in (8, 20, 32):
+    MODELS.add(f"resnet{_depth}", ModelSpec(
+        resnet_factory(_depth),
+        f"ResNet-{_depth} (CIFAR-style, FedDF), stages w/2w/4w; norm bn|gn|none",
+        dict(_NORM),
         (TWO_D,),
-    ),
-    "shufflenet": ModelSpec(
-        build_shufflenet,
-        "ShuffleNetV2 (FedDF's shufflenetv2), width multiplier; norm bn|gn|none",
-        {"width": 0.5, "norm": "bn", "groups": 2},
-        (TWO_D,),
-    ),
-}
+    ))
+MODELS.add("vgg9", ModelSpec(
+    VGG9,  # the class is its own factory: VGG9(input_shape, num_classes, **options)
+    "VGG-9 without normalisation (FedMA/FedDF), 6 convs + 3 FC",
+    {"width": 32, "hidden": 512, "pool": 4, "dropout": 0.0},
+    (TWO_D,),
+))
+MODELS.add("shufflenet", ModelSpec(
+    build_shufflenet,
+    "ShuffleNetV2 (FedDF's shufflenetv2), width multiplier; norm bn|gn|none",
+    {"width": 0.5, "norm": "bn", "groups": 2},
+    (TWO_D,),
+))
 
 
 def _kind(input_shape: tuple[int, ...]) -> str | None:
@@ -104,44 +106,15 @@ def parse_arch(arch: str) -> tuple[str, dict[str, Any]]:
     """Split an architecture string into a model name and options.
 
     ``"resnet8:norm=gn,width=32"`` -> ``("resnet8", {"norm": "gn", "width": 32})``.
-    Values become int, float or bool (``true``/``false``) where they parse, else str.
+    Values become int, float or bool (``true``/``false``) where they parse, else str;
+    the name is lower-cased.
 
     Raises:
-        KdflError: for an empty name or an option without ``=``.
+        KdflError: for an empty name, an option without ``=`` or any other malformed item
+            (see :func:`kdfl.spec.parse_spec`).
     """
-    name, _, rest = arch.partition(":")
-    name = name.strip().lower()
-    if not name:
-        raise KdflError(f"architecture {arch!r} has no model name; expected e.g. 'resnet8:norm=gn'")
-    options: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise KdflError(
-                f"architecture {arch!r}: option {item!r} is not key=value; expected e.g. '{name}:width=32'"
-            )
-        options[key.strip()] = parse_value(value)
-    return name, options
-
-
-def _check_option(model: str, key: str, value: Any, default: Any) -> Any:
-    """Type-check one option against its default's type (ints pass for floats)."""
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, (tuple, list)):
-        ok = isinstance(value, (int, str, tuple, list)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise KdflError(
-            f"{model} option {key!r} must be like {default!r} ({type(default).__name__}); got {value!r}"
-        )
-    return value
+    name, options = parse_spec(arch, kind="model", positional=False)
+    return name.lower(), options
 
 
 def _unsupported(name: str, spec: ModelSpec, input_shape: tuple[int, ...]) -> KdflError:
@@ -169,10 +142,6 @@ def build(name: str, input_shape: tuple[int, ...], num_classes: int, **options: 
     """
     key, parsed = parse_arch(name)
     spec = MODELS.get(key)
-    if spec is None:
-        close = difflib.get_close_matches(key, MODELS, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KdflError(f"unknown model {key!r}; available: {', '.join(MODELS)}.{hint}")
     input_shape = tuple(input_shape)
     if not input_shape or not all(isinstance(d, int) and d > 0 for d in input_shape):
         raise KdflError(f"input shape must be a tuple of positive ints; got {input_shape}")
@@ -180,12 +149,7 @@ def build(name: str, input_shape: tuple[int, ...], num_classes: int, **options: 
         raise KdflError(f"num_classes must be a positive int; got {num_classes!r}")
     if not spec.supports(input_shape):
         raise _unsupported(key, spec, input_shape)
-    merged = dict(spec.options)
-    for opt, value in {**parsed, **options}.items():
-        if opt not in spec.options:
-            allowed = ", ".join(f"{k}={v!r}" for k, v in spec.options.items())
-            raise KdflError(f"unknown option {opt!r} for model {key!r}; allowed options: {allowed}")
-        merged[opt] = _check_option(key, opt, value, spec.options[opt])
+    merged = {**MODELS.defaults(key), **MODELS.bind(key, {**parsed, **options})}
     return spec.factory(input_shape, num_classes, **merged)
 
 
