@@ -5,6 +5,11 @@ Linear(hidden) -> ReLU -> Linear(C). A pooling step is skipped when it would shr
 spatial side below 2, so 8x8 digits keep a 2x2 map. 2-D uses 3x3 kernels, 1-D uses
 kernel 5 (mnist1d: about 24k parameters with the defaults).
 
+Follows the :class:`~kdfl.models.base.Decoupled` contract: ``features`` is the output of
+the hidden fully connected layer's ReLU (``feature_dim = hidden``), ``head`` is the last
+Linear, and ``activations`` returns the two conv blocks' outputs, (B, width, *spatial_1)
+and (B, 2 * width, *spatial_2), after ReLU and pooling.
+
 The forward pass is a plain composition of functional layers, with no in-place ops on
 parameters and no control flow on tensor values, so it runs under ``torch.func.vmap``.
 """
@@ -15,11 +20,15 @@ import math
 
 from torch import Tensor, nn
 
+from kdfl.models.base import Decoupled
 from kdfl.types import KdflError
 
 
-class CNN(nn.Module):
+class CNN(Decoupled):
     """conv-ReLU-pool -> conv-ReLU-pool -> flatten -> Linear-ReLU -> Linear.
+
+    Submodules: ``blocks`` (two conv-ReLU[-pool] Sequentials), ``fc`` (Flatten,
+    Linear(hidden), ReLU; its output is the features) and ``classifier`` (the head).
 
     Args:
         input_shape: (C, H, W) for images or (C, L) for 1-D signals.
@@ -44,24 +53,30 @@ class CNN(nn.Module):
         pool = nn.MaxPool2d if two_d else nn.MaxPool1d
         kernel = 3 if two_d else 5
         channels, spatial = input_shape[0], list(input_shape[1:])
-        layers: list[nn.Module] = []
+        blocks: list[nn.Module] = []
         for out in (width, 2 * width):
-            layers += [conv(channels, out, kernel, padding=kernel // 2), nn.ReLU()]
+            layers: list[nn.Module] = [conv(channels, out, kernel, padding=kernel // 2), nn.ReLU()]
             channels = out
             if min(spatial) // 2 >= 2:  # keep at least a 2-wide map (8x8 -> 4 -> 2)
                 layers.append(pool(2))
                 spatial = [s // 2 for s in spatial]
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(
-            nn.Flatten(start_dim=1),
-            nn.Linear(channels * math.prod(spatial), hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, num_classes),
+            blocks.append(nn.Sequential(*layers))
+        # created in the former order (conv, conv, Linear(hidden), Linear(C)), so a seed
+        # gives the same weights as before the features/head split
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Sequential(
+            nn.Flatten(start_dim=1), nn.Linear(channels * math.prod(spatial), hidden), nn.ReLU()
         )
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.feature_dim = hidden
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, *input_shape) -> (B, C) logits."""
-        return self.classifier(self.features(x))
+    def _trunk(self, x: Tensor, maps: list[Tensor] | None) -> Tensor:
+        """(B, *input_shape) -> (B, hidden); appends each block's (B, C_i, *spatial_i) map."""
+        for block in self.blocks:
+            x = block(x)
+            if maps is not None:
+                maps.append(x)
+        return self.fc(x)
 
 
 def build_cnn(input_shape: tuple[int, ...], num_classes: int, width: int = 16, hidden: int = 64) -> CNN:

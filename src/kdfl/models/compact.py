@@ -7,6 +7,11 @@ of one down-sampling block and (3, 7, 3) basic blocks (channel split, 1x1 -> dep
 3x3 -> 1x1, concat, channel shuffle), a 1x1 conv to 1024 (2048 at width 2), global
 average pooling and a Linear classifier. FedDF's ``shufflenetv2-1`` is
 ``shufflenet:width=1``; the default ``width=0.5`` keeps CPU training fast.
+
+Follows the :class:`~kdfl.models.base.Decoupled` contract: ``features`` is the globally
+average-pooled output of the final 1x1 conv (``feature_dim`` = 1024, 2048 at width 2),
+``head`` is ``classifier``, and ``activations`` returns four maps: the three stages'
+outputs (stage channels at H/2, H/4, H/8) and the final 1x1 conv's (1024 at H/8).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kdfl.models.base import Decoupled
 from kdfl.models.resnet import norm2d
 from kdfl.types import KdflError
 
@@ -90,8 +96,11 @@ class DownBlock(nn.Module):
         return channel_shuffle(torch.cat([self.left(x), self.right(x)], dim=1))
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(Decoupled):
     """ShuffleNetV2 for small images (stride-1 stem, no max-pool).
+
+    Submodules: ``stem``, ``stages`` (three Sequentials: a DownBlock then ShuffleBlocks),
+    ``conv5`` (1x1 conv -> norm -> ReLU), ``avgpool`` and ``classifier`` (the head).
 
     Args:
         input_shape: (C, H, W).
@@ -117,23 +126,34 @@ class ShuffleNetV2(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(input_shape[0], stem, 3, padding=1, bias=False), norm2d(norm, stem, groups), nn.ReLU()
         )
-        layers: list[nn.Module] = []
+        staged: list[nn.Module] = []
         in_channels = stem
         for out, blocks in zip(stages, NUM_BLOCKS, strict=True):
-            layers.append(DownBlock(in_channels, out, norm, groups))
+            layers: list[nn.Module] = [DownBlock(in_channels, out, norm, groups)]
             layers += [ShuffleBlock(out, norm, groups) for _ in range(blocks)]
+            staged.append(nn.Sequential(*layers))
             in_channels = out
-        self.stages = nn.Sequential(*layers)
-        self.head = nn.Sequential(
+        self.stages = nn.Sequential(*staged)
+        # ``conv5`` was ``head`` before the features/head split (``head`` is now the method
+        # applying ``classifier``); creation order is unchanged, so seeds give the same weights
+        self.conv5 = nn.Sequential(
             nn.Conv2d(in_channels, last, 1, bias=False), norm2d(norm, last, groups), nn.ReLU()
         )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(last, num_classes)
+        self.feature_dim = last
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C_in, H, W) -> (B, C) logits."""
-        x = self.head(self.stages(self.stem(x)))
-        return self.classifier(self.avgpool(x).flatten(1))
+    def _trunk(self, x: Tensor, maps: list[Tensor] | None) -> Tensor:
+        """(B, C_in, H, W) -> (B, last); appends the 3 stage maps and the conv5 map."""
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            if maps is not None:
+                maps.append(x)
+        x = self.conv5(x)  # (B, last, H/8, W/8)
+        if maps is not None:
+            maps.append(x)
+        return self.avgpool(x).flatten(1)
 
 
 def build_shufflenet(

@@ -1,4 +1,10 @@
-"""A multi-layer perceptron for any input shape (the input is flattened)."""
+"""A multi-layer perceptron for any input shape (the input is flattened).
+
+Follows the :class:`~kdfl.models.base.Decoupled` contract: ``features`` is the output of
+the last hidden ReLU (the flattened input when there is no hidden layer), so
+``feature_dim`` is the last hidden size; ``head`` is the final Linear. An MLP has no
+spatial activations: ``activations`` raises :class:`~kdfl.types.KdflError`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from kdfl.models.base import Decoupled
 from kdfl.types import KdflError
 
 
@@ -41,14 +48,19 @@ def parse_hidden(hidden: int | str | Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-class MLP(nn.Module):
+class MLP(Decoupled):
     """Flatten -> (Linear -> ReLU) per hidden layer -> Linear(num_classes).
+
+    Submodules: ``body`` (Flatten and the hidden Linear-ReLU pairs; its output is the
+    features) and ``classifier`` (the last Linear, the head).
 
     Args:
         input_shape: shape of one input; anything, it is flattened.
         num_classes: number of output logits C.
         hidden: hidden layer sizes (an int, a sequence, or ``"256-128"``).
     """
+
+    has_activations = False  # it flattens its input: no spatial maps
 
     def __init__(
         self,
@@ -63,12 +75,15 @@ class MLP(nn.Module):
         for size in sizes:
             layers += [nn.Linear(width, size), nn.ReLU()]
             width = size
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
+        # body then classifier: the same creation (and init) order as the former single
+        # Sequential ``net``, whose last Linear is now ``classifier``
+        self.body = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width, num_classes)
+        self.feature_dim = width
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, *input_shape) -> (B, C) logits."""
-        return self.net(x)
+    def _trunk(self, x: Tensor, maps: list[Tensor] | None) -> Tensor:
+        """(B, *input_shape) -> (B, feature_dim); ``maps`` is unused (no spatial maps)."""
+        return self.body(x)
 
 
 def build_mlp(

@@ -11,6 +11,11 @@ serves 8x8 and 28x28 inputs. ResNet-8 for CIFAR-10 has 78,042 trainable paramete
 
 Init as FedDF: conv weights N(0, sqrt(2 / (k * k * out_channels))), norm weight 1 and
 bias 0, Linear with PyTorch's default.
+
+Follows the :class:`~kdfl.models.base.Decoupled` contract: ``features`` is the globally
+average-pooled output of the last stage (``feature_dim = 4 * width``), ``head`` is
+``classifier``, and ``activations`` returns the three stages' outputs, (B, w, H, W),
+(B, 2w, H/2, W/2) and (B, 4w, H/4, W/4) (sides rounded up by the stride-2 convs).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from kdfl.models.base import Decoupled
 from kdfl.types import KdflError
 
 NORMS = ("bn", "gn", "none")
@@ -78,7 +84,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.downsample(x))
 
 
-class ResNetCifar(nn.Module):
+class ResNetCifar(Decoupled):
     """FedDF's ``ResNet_cifar`` with BasicBlocks (depth 6n + 2, n >= 1).
 
     Args:
@@ -119,13 +125,17 @@ class ResNetCifar(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(4 * width, num_classes)
+        self.feature_dim = 4 * width
         init_feddf(self)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C_in, H, W) -> (B, C) logits."""
+    def _trunk(self, x: Tensor, maps: list[Tensor] | None) -> Tensor:
+        """(B, C_in, H, W) -> (B, 4w); appends each stage's (B, C_i, H_i, W_i) output."""
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.classifier(self.avgpool(x).flatten(1))
+        for stage in (self.layer1, self.layer2, self.layer3):
+            x = stage(x)
+            if maps is not None:
+                maps.append(x)
+        return self.avgpool(x).flatten(1)  # (B, 4w, H/4, W/4) -> (B, 4w)
 
 
 def resnet_factory(depth: int) -> Callable[..., ResNetCifar]:

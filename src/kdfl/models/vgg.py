@@ -8,17 +8,27 @@ adaptive average pooling to ``pool`` x ``pool``, then FC ``hidden`` -> ``hidden`
 ReLU. On 32x32 inputs the feature map already is 4x4, so the defaults give FedMA's net
 exactly (3,491,530 parameters for 10 classes). A max-pool is skipped where it would shrink
 a side below 2 (8x8 inputs); ``pool=1`` shrinks the first FC layer 16-fold.
+
+Follows the :class:`~kdfl.models.base.Decoupled` contract: ``features`` is the input of
+the last Linear, i.e. the second hidden FC layer's ReLU output after dropout
+(``feature_dim = hidden``), ``head`` is ``classifier``, and ``activations`` returns the
+three conv pairs' outputs (after ReLU and pooling): 2w, 4w and 8w channels.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kdfl.models.base import Decoupled
 from kdfl.types import KdflError
 
 
-class VGG9(nn.Module):
+class VGG9(Decoupled):
     """Six 3x3 convs in three pooled pairs, then three fully connected layers.
+
+    Submodules: ``blocks`` (three conv-ReLU-conv-ReLU[-pool] Sequentials), ``avgpool``,
+    ``fc`` (Flatten, Dropout, Linear-ReLU, Linear-ReLU, Dropout; its output is the
+    features) and ``classifier`` (the last Linear, the head).
 
     Args:
         input_shape: (C, H, W).
@@ -45,17 +55,21 @@ class VGG9(nn.Module):
                 f"width={width}, hidden={hidden}, pool={pool}, dropout={dropout}"
             )
         channels, spatial = input_shape[0], min(input_shape[1:])
-        layers: list[nn.Module] = []
+        blocks: list[nn.Module] = []
         for pair in ((width, 2 * width), (4 * width, 4 * width), (8 * width, 8 * width)):
+            layers: list[nn.Module] = []
             for out in pair:
                 layers += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU()]
                 channels = out
             if spatial // 2 >= 2:
                 layers.append(nn.MaxPool2d(2))
                 spatial //= 2
-        self.features = nn.Sequential(*layers)
+            blocks.append(nn.Sequential(*layers))
+        # created in the former order (six convs, then the three Linears), so a seed gives
+        # the same weights as before the features/head split
+        self.blocks = nn.Sequential(*blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(pool)
-        self.classifier = nn.Sequential(
+        self.fc = nn.Sequential(
             nn.Flatten(start_dim=1),
             nn.Dropout(dropout),
             nn.Linear(channels * pool * pool, hidden),
@@ -63,9 +77,14 @@ class VGG9(nn.Module):
             nn.Linear(hidden, hidden),
             nn.ReLU(),
             nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
         )
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.feature_dim = hidden
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C_in, H, W) -> (B, C) logits."""
-        return self.classifier(self.avgpool(self.features(x)))
+    def _trunk(self, x: Tensor, maps: list[Tensor] | None) -> Tensor:
+        """(B, C_in, H, W) -> (B, hidden); appends each conv pair's (B, C_i, H_i, W_i) map."""
+        for block in self.blocks:
+            x = block(x)
+            if maps is not None:
+                maps.append(x)
+        return self.fc(self.avgpool(x))  # (B, 8w, pool, pool) -> (B, hidden)
