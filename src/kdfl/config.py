@@ -8,7 +8,8 @@ Sections and their keys::
     [partition]  name, + partition parameters (alpha, min_size, classes_per_client, ...)
     [model]      arch, client_archs, assign
     [local]      epochs, steps, batch_size, lr, momentum, weight_decay, optimizer
-    [algorithm]  name, + the algorithm's hyperparameters
+    [algorithm]  name (a registry key or "package.module:ClassName"), + the algorithm's
+                 hyperparameters; nested settings as sub-tables, e.g. [algorithm.distill]
     [attack]     name, fraction, + the attack's parameters
     [compression] uplink, downlink (codecs: fp32, fp16, int8, topk:K)
 
@@ -29,7 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from kdfl.simulation.engine import RunSettings
+from kdfl.simulation.rounds import RunSettings
 from kdfl.train import LocalSGD
 from kdfl.types import KdflError
 
@@ -151,9 +152,58 @@ def _named(cfg: Config, section: str, registry: typing.Mapping[str, Any], kind: 
         cfg[section][key] = _check(section, key, value, schema[key])
 
 
+# keys that moved into [algorithm.distill] when distillation settings became one nested table
+_MOVED_TO_DISTILL = {
+    "distill_steps": "steps", "distill_batch_size": "batch_size", "distill_lr": "lr",
+    "distill_optimizer": "optimizer", "temperature": "temperature", "t2": "t2", "cosine": "cosine",
+    "grad_clip": "grad_clip", "eval_every": "eval_every", "patience": "patience",
+}
+
+
+def _validate_algorithm(cfg: Config) -> None:
+    """[algorithm]: a known (or importable) algorithm, its hyperparameters, and its nested
+    settings tables (``[algorithm.distill]``) checked key by key."""
+    from kdfl.algorithms import ALGORITHMS, nested_fields, resolve
+
+    section = cfg["algorithm"]
+    name = section.get("name")
+    if not isinstance(name, str):
+        raise KdflError(f"algorithm.name must be a string, got {name!r}")
+    if name not in ALGORITHMS and ":" not in name:
+        raise KdflError(f"unknown algorithm {name!r} (algorithm.name).{_close(name, ALGORITHMS)} "
+                        f"Available: {', '.join(sorted(ALGORITHMS))}, or a user algorithm as 'package.module:Class'.")
+    cls = resolve(name)
+    nested = nested_fields(cls)
+    schema = dataclass_hints(cls, {"local"})
+    for key, value in list(section.items()):
+        if key == "name":
+            continue
+        if key in nested:
+            if not isinstance(value, dict):
+                raise KdflError(f"config key 'algorithm.{key}' is a table of settings: write [algorithm.{key}] "
+                                f"with keys {', '.join(sorted(dataclass_hints(nested[key])))}")
+            sub = dataclass_hints(nested[key])
+            for k2, v2 in list(value.items()):
+                if k2 not in sub:
+                    raise _unknown_key(f"algorithm.{key}", k2, sub)
+                value[k2] = _check(f"algorithm.{key}", k2, v2, sub[k2])
+            continue
+        if key not in schema:
+            if key in _MOVED_TO_DISTILL and "distill" in nested:
+                raise KdflError(f"config key 'algorithm.{key}' moved: write it as '{_MOVED_TO_DISTILL[key]}' in "
+                                f"[algorithm.distill] (or --set algorithm.distill.{_MOVED_TO_DISTILL[key]}=...)")
+            owners = sorted(n for n, c in ALGORITHMS.items() if n != name and key in dataclass_hints(c, {"local"}))
+            where = f" ('{key}' is an option of {', '.join(owners)})" if owners else ""
+            raise KdflError(
+                f"unknown config key 'algorithm.{key}' for algorithm {name!r}{where}.{_close(key, schema)} "
+                f"Allowed keys: {', '.join(sorted(schema)) or 'none'}."
+            )
+        section[key] = _check("algorithm", key, value, schema[key])
+
+
 def validate(raw: dict[str, Any]) -> Config:
     """Merge ``raw`` over the defaults and check every key, type and range."""
-    from kdfl.algorithms import ALGORITHMS
+    from kdfl.algorithms import build_algorithm
     from kdfl.attacks import ATTACKS
     from kdfl.data import DATASETS, PARTITIONS
 
@@ -167,9 +217,9 @@ def validate(raw: dict[str, Any]) -> Config:
             raise KdflError(f"config [{section}] must be a table of keys, got {value!r}")
     cfg: Config = copy.deepcopy(DEFAULTS)
     for section, values in raw.items():
-        if section in ("partition", "algorithm", "attack") and "name" in values and values["name"] != cfg[section].get("name"):
+        if section in NAMED_SECTIONS and "name" in values and values["name"] != cfg[section].get("name"):
             cfg[section] = {"name": values["name"], **({"fraction": 0.0} if section == "attack" else {})}
-        cfg[section].update(values)
+        cfg[section].update(copy.deepcopy(values))
 
     _validate_fixed(cfg, "run", {**dataclass_hints(RunSettings), **_RUN_EXTRA})
     _check_run(cfg["run"])
@@ -184,12 +234,9 @@ def validate(raw: dict[str, Any]) -> Config:
     _named(cfg, "data", DATASETS, "data set", _DATA_FIXED, lambda spec: {k: Any for k in spec.options})
     _named(cfg, "partition", {**PARTITIONS, "natural": None}, "partition", {},
            lambda fn: {} if fn is None else function_hints(fn, {"labels", "num_clients", "rng"}))
-    _named(cfg, "algorithm", ALGORITHMS, "algorithm", {}, lambda cls: dataclass_hints(cls, {"local"}))
+    _validate_algorithm(cfg)
     # the algorithm checks its own hyperparameters' ranges (mu >= 0, momentum in [0, 1), ...)
-    try:
-        ALGORITHMS[cfg["algorithm"]["name"]](local=local, **{k: v for k, v in cfg["algorithm"].items() if k != "name"})
-    except TypeError as e:  # a hyperparameter without a default that the config does not give
-        raise KdflError(f"algorithm {cfg['algorithm']['name']!r}: {e}") from None
+    build_algorithm(cfg["algorithm"]["name"], local, {k: v for k, v in cfg["algorithm"].items() if k != "name"})
     _named(cfg, "attack", {"none": None, **ATTACKS}, "attack", {"fraction": float},
            lambda spec: {} if spec is None else function_hints(spec.fn, ATTACK_INPUTS))
     if cfg["model"]["assign"] not in ("round_robin", "blocks"):
@@ -255,6 +302,31 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, parsed
 
 
+NAMED_SECTIONS = ("partition", "algorithm", "attack")  # sections whose ``name`` picks a component
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config, in place, and return it.
+
+    Switching a component (``algorithm.name``, ...) drops the old component's options;
+    ``section.table.key=value`` sets a key of a nested table (``algorithm.distill.steps=100``).
+    """
+    for item in overrides:
+        section, key, value = parse_override(item)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise KdflError(f"config [{section}] must be a table of keys, got {table!r}")
+        if key == "name" and section in NAMED_SECTIONS and table.get("name") != value:
+            raw[section] = table = {}  # switching component drops the old component's options
+        *path, last = key.split(".")
+        for part in path:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise KdflError(f"--set {item!r}: {section}.{part} is not a table")
+        table[last] = value
+    return raw
+
+
 def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a TOML config (or start from the defaults), apply overrides, validate."""
     raw: dict[str, Any] = {}
@@ -266,13 +338,7 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
             raw = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise KdflError(f"config file {p} is not valid TOML: {e}") from None
-    for item in overrides:
-        section, key, value = parse_override(item)
-        raw.setdefault(section, {})
-        if key == "name" and section in ("partition", "algorithm", "attack") and raw[section].get("name") != value:
-            raw[section] = {}  # switching component drops the old component's options
-        raw[section][key] = value
-    return validate(raw)
+    return validate(apply_overrides(raw, overrides))
 
 
 def dumps(cfg: Config) -> str:
@@ -290,8 +356,15 @@ def dumps(cfg: Config) -> str:
         return repr(v)
 
     lines = []
-    for section, values in cfg.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {fmt(v)}" for k, v in values.items() if v is not None]
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {fmt(v)}" for k, v in values.items() if v is not None and not isinstance(v, dict))
         lines.append("")
+        for k, v in values.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    for section, values in cfg.items():
+        table(section, values)
     return "\n".join(lines)

@@ -47,7 +47,7 @@ def assign_archs(num_clients: int, arch: str, archs: list[str], assign: str) -> 
 def build(cfg: Config) -> Federation:
     """Build the task, partitions and algorithm described by ``cfg``."""
     from kdfl import models
-    from kdfl.algorithms import ALGORITHMS
+    from kdfl.algorithms import build_algorithm
     from kdfl.attacks import choose_malicious
     from kdfl.data import label_counts, load, make_partition, make_splits
 
@@ -84,7 +84,7 @@ def build(cfg: Config) -> Federation:
         seed=seed, device=device, malicious=malicious,
     )
     acfg = {k: v for k, v in cfg["algorithm"].items() if k != "name"}
-    algorithm = ALGORITHMS[cfg["algorithm"]["name"]](local=LocalSGD(**cfg["local"]), **acfg)
+    algorithm = build_algorithm(cfg["algorithm"]["name"], LocalSGD(**cfg["local"]), acfg)
     return Federation(cfg, task, parts, algorithm, label_counts(labels, parts, classes))
 
 

@@ -1,51 +1,116 @@
-"""Loss builders. A loss is ``loss(logits, batch, params) -> scalar``.
+"""Losses of client programs. A loss is ``loss(out, batch, consts) -> scalar``.
 
-``batch`` is the :class:`Batch` being trained on (``idx`` lets a loss look up
-precomputed per-sample targets, e.g. teacher logits); ``params`` are the model's named
-parameters (a dict, so the same loss works with ``torch.func.functional_call``).
-Algorithms compose these instead of writing training loops.
+``out`` (:class:`Outputs`) holds what the phase's models produced on the batch: logits,
+and features or activations where the phase asks for them, per model name, plus each
+model's named parameters (for proximal terms) and ``out.head(model, z)`` to apply a
+model's classifier head to other inputs (FedGen's generated latents). ``batch`` is the
+:class:`Batch` (inputs, labels when the data has them, positions, per-sample targets);
+``consts`` are the phase's per-client constants (FedProx's anchor weights, FD's global
+per-label logits, ...).
+
+Losses are frozen dataclasses: equal settings give equal (and hashable) loss values,
+which is how an executor knows that two clients train the same function and can be
+batched (the per-client tensors travel in ``consts`` and the data, never inside the
+loss). A loss written as a plain function also works; it is then batched only with
+clients that got the very same function object.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfl.types import StateDict
+MAIN = "model"  # the name of a single-model program's model
 
 
 class Batch(NamedTuple):
     x: Tensor  # (B, *input_shape)
-    y: Tensor  # (B,)
-    idx: Tensor  # (B,) positions in the client's data set
+    y: Tensor | None  # (B,) labels, None on unlabeled (public) data
+    idx: Tensor  # (B,) positions in the phase's data
+    targets: Mapping[str, Tensor] = {}  # per-sample targets of the phase's data, (B, ...)
 
 
-Loss = Callable[[Tensor, Batch, Mapping[str, Tensor]], Tensor]
+class Outputs:
+    """The models' outputs on one batch, by model name.
+
+    Args:
+        values: model name -> {"logits": (B, C), "features": (B, D), "activations": [...]}.
+        params: model name -> that model's named parameters.
+        call: ``call(model, method, *args)`` runs a method of a model (``head``) with the
+            model's current parameters (a functional call under the vectorized executor).
+    """
+
+    __slots__ = ("_values", "_params", "_call")
+
+    def __init__(self, values: Mapping[str, Mapping[str, Any]], params: Mapping[str, Mapping[str, Tensor]],
+                 call: Callable[..., Tensor]) -> None:
+        self._values, self._params, self._call = values, params, call
+
+    def logits(self, model: str = MAIN) -> Tensor:
+        return self._values[model]["logits"]  # type: ignore[no-any-return]
+
+    def features(self, model: str = MAIN) -> Tensor:
+        """(B, feature_dim); the phase must list "features" in ``Phase.outputs``."""
+        return self._values[model]["features"]  # type: ignore[no-any-return]
+
+    def activations(self, model: str = MAIN) -> list[Tensor]:
+        """Spatial activations of a convolutional model; needs "activations" in ``Phase.outputs``."""
+        return self._values[model]["activations"]  # type: ignore[no-any-return]
+
+    def params(self, model: str = MAIN) -> Mapping[str, Tensor]:
+        return self._params[model]
+
+    def head(self, model: str, z: Tensor) -> Tensor:
+        """``model``'s classifier head applied to latents ``z`` (B', feature_dim)."""
+        return self._call(model, "head", z)
 
 
-def cross_entropy() -> Loss:
-    """Plain cross-entropy on the batch labels."""
-
-    def loss(logits: Tensor, batch: Batch, params: Mapping[str, Tensor]) -> Tensor:
-        return F.cross_entropy(logits, batch.y)
-
-    return loss
+class Loss(Protocol):
+    def __call__(self, out: Outputs, batch: Batch, consts: Mapping[str, Any]) -> Tensor: ...
 
 
-def proximal(base: Loss, anchor: StateDict, mu: float) -> Loss:
-    """``base + (mu/2)·||w - anchor||²`` over the trainable parameters (FedProx, μ)."""
-    if mu == 0:
-        return base
+@dataclass(frozen=True)
+class CrossEntropy:
+    """Cross-entropy of ``model``'s logits on the batch labels."""
 
-    def loss(logits: Tensor, batch: Batch, params: Mapping[str, Tensor]) -> Tensor:
-        prox = sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
-        return base(logits, batch, params) + 0.5 * mu * prox
+    model: str = MAIN
 
-    return loss
+    def __call__(self, out: Outputs, batch: Batch, consts: Mapping[str, Any]) -> Tensor:
+        assert batch.y is not None, "cross-entropy needs labelled data"
+        return F.cross_entropy(out.logits(self.model), batch.y)
+
+
+@dataclass(frozen=True)
+class Proximal:
+    """``(mu/2)·||w - anchor||²`` over ``model``'s parameters (FedProx's μ); the anchor
+    weights are the constant named ``anchor``."""
+
+    mu: float
+    anchor: str = "anchor"
+    model: str = MAIN
+
+    def __call__(self, out: Outputs, batch: Batch, consts: Mapping[str, Any]) -> Tensor:
+        anchor = consts[self.anchor]
+        prox = sum(((p - anchor[k]) ** 2).sum() for k, p in out.params(self.model).items())
+        return 0.5 * self.mu * prox  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Sum:
+    """The sum of loss terms, in order."""
+
+    terms: tuple[Loss, ...]
+
+    def __call__(self, out: Outputs, batch: Batch, consts: Mapping[str, Any]) -> Tensor:
+        total = self.terms[0](out, batch, consts)
+        for term in self.terms[1:]:
+            total = total + term(out, batch, consts)
+        return total
 
 
 def kd_kl(student_logits: Tensor, teacher_probs: Tensor, temperature: float, t2: bool = True) -> Tensor:

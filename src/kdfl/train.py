@@ -1,17 +1,22 @@
-"""The one training loop (``local_train``) and the one evaluation (``evaluate``)."""
+"""The one training loop (``local_train``, one phase of a client program) and the one
+evaluation (``evaluate``)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from kdfl import metrics
-from kdfl.losses import Batch, Loss
+from kdfl.losses import Batch, Outputs
 from kdfl.types import KdflError, TensorData
+
+if TYPE_CHECKING:
+    from kdfl.algorithms.program import Data, Phase
 
 
 @dataclass(frozen=True)
@@ -72,32 +77,67 @@ def make_optimizer(params: list[Tensor], cfg: LocalSGD) -> torch.optim.Optimizer
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def model_outputs(model: nn.Module, x: Tensor, outputs: frozenset[str]) -> dict[str, Any]:
+    """``{"logits": ...}`` plus the requested "features" / "activations", one forward pass."""
+    if not outputs:
+        return {"logits": model(x)}
+    return model(x, features="features" in outputs, activations="activations" in outputs)  # type: ignore[no-any-return]
+
+
 def local_train(
-    model: nn.Module, data: TensorData, cfg: LocalSGD, loss_fn: Loss, generator: torch.Generator
+    models: Mapping[str, nn.Module], phase: Phase, data: Data, generator: torch.Generator
 ) -> dict[str, float]:
-    """Train ``model`` in place on ``data``; returns ``{"train_loss", "steps"}``.
+    """Run one phase of a client program: train ``phase.train`` of ``models`` in place on
+    ``data``; returns ``{"<phase>_loss": mean loss, "steps": steps}``.
+
+    The reference loop: executors that batch clients reproduce it (batch order from
+    :func:`batch_indices`, the optimizer of :func:`make_optimizer`, the same divergence
+    check).
 
     Raises:
         KdflError: when the loss becomes NaN or infinite (diverged: lower the lr).
     """
-    model.train()
-    names = [k for k, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    opt = make_optimizer([params[k] for k in names], cfg)
-    device = next(model.parameters()).device
+    cfg = phase.local
+    for name in phase.train:
+        models[name].train()
+    for name in phase.frozen:
+        models[name].eval()
+    params = {name: dict(models[name].named_parameters()) for name in phase.forward}
+    opt = make_optimizer([p for name in phase.train for p in params[name].values() if p.requires_grad], cfg)
+    device = next(models[phase.train[0]].parameters()).device
+    consts = {k: _to(v, device) for k, v in phase.consts.items()}
+
+    def call(model: str, method: str, *args: Tensor) -> Tensor:
+        return getattr(models[model], method)(*args)  # type: ignore[no-any-return]
+
     total, steps = 0.0, 0
     for idx in batch_indices(len(data), cfg, generator):
-        batch = Batch(data.x[idx].to(device), data.y[idx].to(device), idx)
-        loss = loss_fn(model(batch.x), batch, params)
+        x = data.x[idx].to(device)
+        batch = Batch(x, None if data.y is None else data.y[idx].to(device), idx,
+                      {k: v[idx].to(device) for k, v in data.targets.items()})
+        values = {name: model_outputs(models[name], x, phase.outputs) for name in phase.train}
+        if phase.frozen:
+            with torch.no_grad():
+                values.update({name: model_outputs(models[name], x, phase.outputs) for name in phase.frozen})
+        loss = phase.loss(Outputs(values, params, call), batch, consts)
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise KdflError(f"local training diverged (loss={value} at step {steps}): lower local.lr")
+            raise KdflError(f"local training diverged (loss={value} at step {steps} of phase {phase.name!r}): "
+                            "lower local.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         total += value
         steps += 1
-    return {"train_loss": total / max(steps, 1), "steps": float(steps)}
+    return {f"{phase.name}_loss": total / max(steps, 1), "steps": float(steps)}
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 StateDict = dict[str, Tensor]
 Payload = dict[str, Tensor]  # named tensors that cross the wire: "delta", "logits", ...
-ClientState = dict[str, Any]  # what a stateful client keeps between rounds (never sent)
 
 
 class KdflError(Exception):
@@ -56,12 +55,26 @@ class TensorData:
 
 
 @dataclass(frozen=True)
+class ClientState:
+    """What a stateful client keeps between rounds; it never crosses the wire.
+
+    ``models`` holds the weights of the programs' kept models by name (FedMD's own
+    model, FedKD's mentor, a heterogeneous FedEMA-Distill client's model). Algorithms
+    that keep more subclass it with typed fields. The runtime that holds the client
+    (the simulator's client store, a Flower node's ``context.state``) stores it whenever
+    the client's training finished, whatever the server does with its upload: a real
+    client cannot know that its upload was rejected.
+    """
+
+    models: dict[str, StateDict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ClientUpdate:
     """What one client returns after a round.
 
     ``payload`` is all that crosses the wire (bytes are measured on its encoding).
-    ``client_state`` stays on the client: the engine stores it and hands it back next
-    time (stateful clients: FedMD, heterogeneous FedEMA-Distill, FedKD, ...).
+    ``client_state`` stays on the client (see :class:`ClientState`).
     New algorithms add *keys* to ``payload``, never fields here.
     """
 
@@ -74,17 +87,29 @@ class ClientUpdate:
 
 @dataclass(frozen=True)
 class ServerState:
-    """The server's state after a round.
+    """The server's state after a round: the base of every algorithm's typed state.
 
     ``params`` are the weights of the evaluated global model (architecture
-    ``task.server_arch``). ``extra`` holds algorithm-specific tensors or values
-    (server momentum, EMA weights, per-architecture prototypes, ...); everything in it
-    must be picklable with ``torch.save`` so that checkpoints can resume.
+    ``task.server_arch``). Algorithms that keep more (server momentum, EMA weights,
+    per-architecture prototypes, ...) declare a frozen subclass with typed fields, as
+    fedjax's per-algorithm ``ServerState`` does; everything in it must be picklable with
+    ``torch.save`` so that checkpoints can resume. Round metrics are returned beside the
+    state by ``server_update``, never stored in it.
     """
 
     params: StateDict
     round: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the server knows of a client when it builds the client's downlink: its id,
+    architecture and the round. Never its data or its kept state, which live on the
+    client (on Flower they are on another machine)."""
+
+    id: int
+    arch: str
+    round: int
 
 
 @dataclass
@@ -98,6 +123,14 @@ class Client:
     seed: int  # derived from (run seed, round, client id); see ``kdfl.rng``
     state: ClientState | None = None
     malicious: bool = False
+
+    @property
+    def info(self) -> ClientInfo:
+        return ClientInfo(self.id, self.arch, self.round)
+
+    def kept(self, name: str) -> StateDict | None:
+        """The weights of kept model ``name`` from an earlier round, or None."""
+        return None if self.state is None else self.state.models.get(name)
 
     def generator(self, stream: int = 0) -> torch.Generator:
         """A fresh generator for this (round, client) and a named sub-stream."""
@@ -180,21 +213,30 @@ class Task:
         return state
 
 
+RoundMetrics = dict[str, float]
+
+
 @runtime_checkable
 class Algorithm(Protocol):
     """The contract every algorithm meets: pure halves, state in, state out.
 
-    ``configure`` says what the server sends one client (the downlink payload, measured
-    in bytes like the uplink); ``client_update`` runs on the client from that payload;
-    ``server_update`` folds the accepted updates into a new state.
+    ``init`` makes the typed server state; ``configure`` says what the server sends one
+    client (the downlink payload, measured in bytes like the uplink) from what the server
+    knows of it (:class:`ClientInfo`); ``client_program`` declares what the client trains
+    (:class:`kdfl.algorithms.program.Program`), which an executor runs;
+    ``validate`` rejects a malformed upload (raise :class:`PayloadError`);
+    ``server_update`` folds the accepted updates into a new state and returns the round's
+    metrics beside it.
     """
 
     def init(self, task: Task) -> ServerState: ...
 
-    def configure(self, task: Task, state: ServerState, client: Client) -> Payload: ...
+    def configure(self, task: Task, state: ServerState, client: ClientInfo) -> Payload: ...
 
-    def client_update(self, task: Task, downlink: Payload, client: Client) -> ClientUpdate: ...
+    def client_program(self, task: Task, downlink: Payload, client: Client) -> Any: ...
+
+    def validate(self, task: Task, state: ServerState, update: ClientUpdate) -> None: ...
 
     def server_update(
         self, task: Task, state: ServerState, updates: Sequence[ClientUpdate]
-    ) -> ServerState: ...
+    ) -> tuple[ServerState, RoundMetrics]: ...

@@ -7,17 +7,21 @@ from helpers import blob_task
 from torch import nn
 
 from kdfl.algorithms import FedAvg, FedDF
-from kdfl.algorithms.feddf import drop_worst
+from kdfl.algorithms.feddf import drop_worst, feddf_distill
 from kdfl.simulation.engine import Engine, RunSettings
 from kdfl.train import LocalSGD
 
 LOCAL = LocalSGD(epochs=2, batch_size=16, lr=0.1)
 
 
+def steps(n):
+    return dataclasses.replace(feddf_distill(), steps=n)
+
+
 def test_zero_distillation_steps_equals_fedavg():
     task, parts = blob_task()
     a = Engine(FedAvg(local=LOCAL), task, parts, RunSettings(rounds=2)).run().state.params
-    b = Engine(FedDF(local=LOCAL, distill_steps=0), task, parts, RunSettings(rounds=2)).run().state.params
+    b = Engine(FedDF(local=LOCAL, distill=steps(0)), task, parts, RunSettings(rounds=2)).run().state.params
     for k in a:
         assert torch.equal(a[k], b[k])
 
@@ -41,7 +45,7 @@ def test_distillation_learns_with_two_architectures():
         return nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 3))
 
     task = dataclasses.replace(task, build_model=build, server_arch="small", client_archs=["small", "big"] * 2)
-    hist = Engine(FedDF(local=LOCAL, distill_steps=100), task, parts, RunSettings(rounds=3)).run()
+    hist = Engine(FedDF(local=LOCAL, distill=steps(100)), task, parts, RunSettings(rounds=3)).run()
     assert hist.summary["final_accuracy"] > 0.9
-    protos = hist.state.extra["protos"]
+    protos = hist.state.protos
     assert set(protos) == {"small", "big"} and protos["big"]["0.weight"].shape == (32, 2)

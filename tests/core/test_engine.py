@@ -8,9 +8,11 @@ import torch
 from helpers import blob_task
 
 from kdfl import wire
-from kdfl.algorithms import FedAvg
+from kdfl.algorithms import FedAvg, FedEMADistill
+from kdfl.algorithms.program import Custom, run_client
 from kdfl.simulation.engine import Engine, RunSettings
 from kdfl.train import LocalSGD
+from kdfl.types import ClientInfo, PayloadError
 
 LOCAL = LocalSGD(epochs=1, batch_size=16, lr=0.1)
 
@@ -33,27 +35,32 @@ def test_byte_counts_equal_encoded_payload_size():
 class Crashing(FedAvg):
     crash: int = 1
 
-    def client_update(self, task, downlink, client):
+    def client_program(self, task, downlink, client):
         if client.id == self.crash:
             raise RuntimeError("disk on fire")
-        return super().client_update(task, downlink, client)
+        return super().client_program(task, downlink, client)
 
 
 @dataclasses.dataclass(frozen=True)
 class Corrupting(FedAvg):
     """Client 0 sends NaN, client 1 a wrongly shaped delta, client 2 a missing key."""
 
-    def client_update(self, task, downlink, client):
-        u = super().client_update(task, downlink, client)
-        p = dict(u.payload)
-        k0 = next(iter(p))
-        if client.id == 0:
-            p[k0] = p[k0] * float("nan")
-        elif client.id == 1:
-            p[k0] = torch.zeros(3, 3)
-        elif client.id == 2:
-            del p[k0]
-        return dataclasses.replace(u, payload=p)
+    def client_program(self, task, downlink, client):
+        program = super().client_program(task, downlink, client)
+        delta = program.upload[0]
+
+        def corrupt(models):
+            p = delta.make(models)
+            k0 = next(iter(p))
+            if client.id == 0:
+                p[k0] = p[k0] * float("nan")
+            elif client.id == 1:
+                p[k0] = torch.zeros(3, 3)
+            elif client.id == 2:
+                del p[k0]
+            return p
+
+        return dataclasses.replace(program, upload=[Custom(corrupt)])
 
 
 def test_crashed_client_is_excluded_and_logged(caplog):
@@ -73,7 +80,7 @@ def test_malformed_payloads_rejected_round_completes(caplog):
     # only client 3 was averaged: the server moved exactly by client 3's own delta
     engine = Engine(FedAvg(local=LOCAL), task, parts, RunSettings(rounds=1))
     init = FedAvg(local=LOCAL).init(task).params
-    u = FedAvg(local=LOCAL).client_update(task, init, engine._client(3, 1, {}))
+    u = run_client(FedAvg(local=LOCAL), task, init, engine.client(3, 1))
     for k in init:
         torch.testing.assert_close(hist.state.params[k], init[k] + u.payload["delta." + k], rtol=0, atol=1e-6)
 
@@ -115,3 +122,42 @@ def test_all_clients_failing_keeps_state(caplog):
 def test_bad_settings():
     with pytest.raises(Exception, match="dropout"):
         RunSettings(dropout=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectedStateful(FedEMADistill):
+    """Stateful clients (downlink none); the server rejects client 0's upload every round."""
+
+    def validate(self, task, state, update):
+        super().validate(task, state, update)
+        if update.client_id == 0:
+            raise PayloadError("rejected by the test")
+
+
+def test_a_client_keeps_its_state_when_its_upload_is_rejected():
+    # a real client cannot know that the server rejected its upload: it keeps what it
+    # trained (as a Flower node does), and continues from it next round
+    task, parts = blob_task()
+    alg = RejectedStateful(local=LOCAL, downlink="none", class_weighting=False)
+    engine = Engine(alg, task, parts, RunSettings(rounds=2))
+    states = {}
+    state = alg.init(task)
+    state, rec = engine.round(state, 1, states)
+    assert rec["rejected"] == [0] and set(states) == {0, 1, 2, 3}
+    first = {k: v.clone() for k, v in states[0].models["model"].items()}
+    engine.round(state, 2, states)
+    assert any(not torch.equal(first[k], v) for k, v in states[0].models["model"].items())  # trained on from it
+
+
+@dataclasses.dataclass(frozen=True)
+class SeesOnlyInfo(FedAvg):
+    def configure(self, task, state, client):
+        assert type(client) is ClientInfo  # no data, no kept state: those live on the client
+        assert not hasattr(client, "data") and not hasattr(client, "state")
+        return super().configure(task, state, client)
+
+
+def test_configure_sees_what_the_server_knows():
+    task, parts = blob_task()
+    hist = Engine(SeesOnlyInfo(local=LOCAL), task, parts, RunSettings(rounds=1)).run()
+    assert hist.records[0]["failed"] == [] and hist.summary["final_accuracy"] > 0

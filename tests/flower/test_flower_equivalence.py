@@ -9,6 +9,8 @@ import torch
 
 pytest.importorskip("flwr")
 
+from flower_grid import LocalGrid  # noqa: E402
+
 from kdfl import experiment  # noqa: E402
 from kdfl.flower import load_config, simulate  # noqa: E402
 from kdfl.flower.records import nbytes, payload_to_record, record_to_payload  # noqa: E402
@@ -31,28 +33,6 @@ def test_records_keep_dtypes_and_count_data_bytes():
 def test_missing_config_file_is_a_clear_error():
     with pytest.raises(KdflError, match="not found"):
         load_config("no/such/config.toml")
-
-
-class LocalGrid:
-    """An in-process Grid: Flower's own Message / RecordDict objects and our ClientApp,
-    called the way a SuperNode calls it (one Context per node, kept across rounds), but
-    no Ray and no network. The deployment test covers the real transport."""
-
-    def __init__(self, client_app, num_nodes):
-        from flwr.app import Context, RecordDict
-
-        self.app = client_app
-        self.contexts = {
-            i + 1: Context(run_id=1, node_id=i + 1, node_config={"partition-id": i, "num-partitions": num_nodes},
-                           state=RecordDict(), run_config={})
-            for i in range(num_nodes)
-        }
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
 
 
 def _single_threaded(fn):

@@ -1,8 +1,9 @@
-"""The pieces that make the executors fast: reused scratch models, the stacked finish,
+"""The pieces that make the executors fast: reused scratch models, stacked deltas,
 result files in /dev/shm, and ``auto``'s background pool start."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -12,81 +13,71 @@ import torch
 from test_executors import LOCAL, SIZES, assert_close, jobs_of, make_task
 
 from kdfl.algorithms import FedAvg
-from kdfl.algorithms.base import local_update
-from kdfl.algorithms.fedavg import delta_update, stacked_delta_updates
+from kdfl.algorithms.program import Custom, Delta, run_client
 from kdfl.simulation import parallel as par
 from kdfl.simulation.auto import Auto
 from kdfl.simulation.executors import Sequential
-from kdfl.simulation.vectorized import Vectorized, _stacked_finish
+from kdfl.simulation.vectorized import Vectorized
+from kdfl.types import KdflError
 
 
-def test_local_update_reuses_a_scratch_model_only_when_finish_keeps_none():
+def test_run_program_reuses_scratch_models():
     task, clients = make_task(["mlp:hidden=16"], SIZES[:3])
     alg = FedAvg(local=LOCAL)
     jobs = jobs_of(alg, task, clients)
-    first = local_update(alg, task, jobs[0][1], clients[0])
+    first = run_client(alg, task, jobs[0][1], clients[0])
     pooled = task._scratch["mlp:hidden=16"]
     assert len(pooled) == 1
     model = pooled[0]
-    local_update(alg, task, jobs[1][1], clients[1])
+    second = run_client(alg, task, jobs[1][1], clients[1])
     assert task._scratch["mlp:hidden=16"] == [model]  # borrowed and given back
     assert all(p.grad is None for p in model.parameters())
-    # reuse changes nothing: the first client again gives the same update
-    again = local_update(alg, task, jobs[0][1], clients[0])
+    # reuse changes nothing: the first client again gives the same update, and the
+    # payloads are copies, which later training into the same scratch model leaves alone
+    again = run_client(alg, task, jobs[0][1], clients[0])
     for k in first.payload:
         assert torch.equal(first.payload[k], again.payload[k])
-
-    @dataclass(frozen=True)
-    class Keeper(FedAvg):
-        def finish(self, task, downlink, client, model, stats):
-            KEPT.append(model)
-            return delta_update(client, downlink, model, stats)
-
-    KEPT: list = []
-    keeper = Keeper(local=LOCAL)
-    task._scratch.clear()
-    local_update(keeper, task, jobs[0][1], clients[0])
-    local_update(keeper, task, jobs[1][1], clients[1])
-    assert KEPT[0] is not KEPT[1] and not task._scratch.get("mlp:hidden=16")
-    trained0 = {k: v.clone() for k, v in KEPT[0].state_dict().items()}
-    local_update(keeper, task, jobs[2][1], clients[2])  # must not train into a kept model
-    assert all(torch.equal(trained0[k], v) for k, v in KEPT[0].state_dict().items())
+        assert first.payload[k].data_ptr() != second.payload[k].data_ptr()
 
 
 def test_scratch_models_do_not_travel_with_the_task():
     import pickle
 
     task, clients = make_task(["mlp:hidden=16"], SIZES[:2])
-    local_update(FedAvg(local=LOCAL), task, jobs_of(FedAvg(local=LOCAL), task, clients)[0][1], clients[0])
+    run_client(FedAvg(local=LOCAL), task, jobs_of(FedAvg(local=LOCAL), task, clients)[0][1], clients[0])
     assert task._scratch and pickle.loads(pickle.dumps(task))._scratch == {}
 
 
-def test_stacked_delta_updates_equal_one_delta_update_per_client():
+def test_stacked_deltas_equal_one_delta_per_client():
     task, clients = make_task(["mlp:hidden=16"], SIZES[:4])
     models = [task.new_model("mlp:hidden=16", seed=i) for i in range(4)]
     weights = [{k: v + 0.1 * i for k, v in models[0].state_dict().items()} for i in range(4)]
     stacked = {k: torch.stack([m.state_dict()[k] for m in models]) for k in weights[0]}
-    stats = [{"train_loss": float(i), "steps": 1.0} for i in range(4)]
     for ws in (weights, [weights[0]] * 4):  # per-client starting weights, and one shared object
-        got = stacked_delta_updates(list(zip(clients, ws, strict=True)), stacked, stats)
-        for c, w, m, st, u in zip(clients, ws, models, stats, got, strict=True):
-            ref = delta_update(c, w, m, st)
-            assert u.client_id == ref.client_id and u.num_examples == ref.num_examples and u.metrics == st
-            assert all(torch.equal(u.payload[k], ref.payload[k]) for k in ref.payload)
+        uploads = [Delta(w) for w in ws]
+        got = Delta.make_stacked(uploads, stacked)
+        for up, m, payload in zip(uploads, models, got, strict=True):
+            ref = up.make({"model": m})
+            assert payload.keys() == ref.keys() and all(torch.equal(payload[k], ref[k]) for k in ref)
 
 
-def test_a_subclass_that_overrides_finish_is_not_bypassed():
+def mark(models):
+    return {"marked": torch.ones(1)}
+
+
+def test_per_client_uploads_run_beside_stacked_deltas():
     @dataclass(frozen=True)
     class Marked(FedAvg):
-        def finish(self, task, downlink, client, model, stats):
-            u = delta_update(client, downlink, model, stats)
-            return type(u)(u.client_id, u.num_examples, u.payload, {**u.metrics, "marked": 1.0})
+        def client_program(self, task, downlink, client):
+            program = super().client_program(task, downlink, client)
+            return dataclasses.replace(program, upload=[*program.upload, Custom(mark)])
 
-    assert _stacked_finish(FedAvg()) is not None and _stacked_finish(Marked()) is None
     task, clients = make_task(["mlp:hidden=16"], SIZES)
     alg = Marked(local=LOCAL)
-    got = Vectorized().run(alg, task, jobs_of(alg, task, clients))
-    assert all(u.metrics["marked"] == 1.0 for u in got)
+    vec = Vectorized()
+    got = vec.run(alg, task, jobs_of(alg, task, clients))
+    assert vec.batched == len(SIZES) and all(torch.equal(u.payload["marked"], torch.ones(1)) for u in got)
+    assert list(got[0].payload)[-1] == "marked"  # upload order kept
 
 
 def test_large_results_come_back_through_a_shm_file(monkeypatch):
@@ -190,6 +181,24 @@ def test_executor_specs_build_configured_executors():
     assert make_executor("auto:workers=1").parallel is None  # never a pool
     assert make_executor("vectorized:max_chunk=8,max_memory_mb=64.5").max_chunk == 8
     assert make_executor("sequential").name == "sequential"
+
+
+def test_executor_spec_errors_name_the_executor_and_its_options():
+    from kdfl.simulation.executors import EXECUTORS, executor_options, make_executor
+
+    with pytest.raises(KdflError, match=r"unknown executor 'paralel'\. Did you mean 'parallel'"):
+        make_executor("paralel")
+    with pytest.raises(KdflError, match=r"executor 'auto' has no option 'worker'; allowed: workers=0, min_round_s=0.1"):
+        make_executor("auto:worker=2")
+    with pytest.raises(KdflError, match="executor 'auto': 2 is not key=value"):
+        make_executor("auto:2")
+    with pytest.raises(KdflError, match="executor 'sequential' takes no options"):
+        make_executor("sequential:2")
+    with pytest.raises(KdflError, match="executor spec 'auto:workers='"):
+        make_executor("auto:workers=")
+    assert sorted(EXECUTORS) == ["auto", "parallel", "sequential", "vectorized"]
+    assert executor_options()["vectorized"] == {"max_memory_mb": 1024, "max_chunk": 512, "min_group": 2}
+    assert EXECUTORS["auto"] is Auto  # a lazy entry is the class itself once imported
 
 
 def test_client_data_from_the_training_pool_travels_as_row_indices():

@@ -9,6 +9,7 @@ the order of float sums, in any executor).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -18,16 +19,16 @@ from helpers import blob_task
 
 from kdfl import models
 from kdfl.algorithms import FedAvg, FedDF, FedEMADistill, FedProx
-from kdfl.algorithms.base import local_update
-from kdfl.algorithms.fedavg import init_params
-from kdfl.losses import cross_entropy
+from kdfl.algorithms.feddf import feddf_distill
+from kdfl.algorithms.kit.weights import init_params
+from kdfl.algorithms.program import Custom
 from kdfl.rng import derive
 from kdfl.simulation.auto import prefers_vectorized
 from kdfl.simulation.executors import EXECUTORS, ClientFailure, Sequential, make_executor
 from kdfl.simulation.parallel import Parallel, dumps, loads
 from kdfl.simulation.vectorized import Vectorized
 from kdfl.train import LocalSGD
-from kdfl.types import Client, ClientUpdate, ServerState, Task, TensorData
+from kdfl.types import Client, ServerState, Task, TensorData
 
 ATOL = 1e-5
 SIZES = [7, 13, 20, 3, 16, 16, 1, 0, 9]  # unequal, ragged last batches, one empty client
@@ -56,7 +57,7 @@ def make_task(archs: list[str], sizes: list[int], shape: tuple[int, ...] = (1, 8
 def jobs_of(alg, task, clients):
     # FedAvg-like algorithms refuse mixed-architecture tasks; their clients here share the server's
     state = ServerState(init_params(task)) if isinstance(alg, FedAvg) else alg.init(task)
-    return [(c, alg.configure(task, state, c)) for c in clients]
+    return [(c, alg.configure(task, state, c.info)) for c in clients]
 
 
 def assert_close(ref, got, exact: bool = False) -> None:
@@ -78,14 +79,14 @@ def assert_close(ref, got, exact: bool = False) -> None:
         else:
             assert abs(a.metrics["train_loss"] - b.metrics["train_loss"]) <= ATOL
         if a.client_state is not None:
-            for k in a.client_state["params"]:
-                torch.testing.assert_close(b.client_state["params"][k], a.client_state["params"][k], atol=ATOL, rtol=0)
+            for k, v in a.client_state.models["model"].items():
+                torch.testing.assert_close(b.client_state.models["model"][k], v, atol=ATOL, rtol=0)
 
 
 ALGS = {
     "fedavg": FedAvg(local=LOCAL),
     "fedprox": FedProx(local=LOCAL, mu=0.5),
-    "feddf": FedDF(local=LOCAL, distill_steps=0),  # its client half (the stacked finish path)
+    "feddf": FedDF(local=LOCAL, distill=dataclasses.replace(feddf_distill(), steps=0)),  # stacked deltas
     "fedema_distill": FedEMADistill(local=LOCAL),
     "fedema_distill_stateful": FedEMADistill(local=LOCAL, downlink="none"),  # per-client weights
 }
@@ -126,27 +127,34 @@ def test_vectorized_chunks_and_mixed_architectures():
 
 
 @dataclass(frozen=True)
+class Hostile:
+    """Cross-entropy with data-dependent control flow: vmap cannot run it."""
+
+    def __call__(self, out, batch, consts):
+        if float(out.logits().detach().sum()) > 1e9:
+            raise AssertionError
+        return torch.nn.functional.cross_entropy(out.logits(), batch.y)
+
+
+def crash_client_2(client_id, models):
+    if client_id == 2:
+        raise RuntimeError("client 2 crashed")
+    return {}
+
+
+@dataclass(frozen=True)
 class Fragile(FedAvg):
-    """FedAvg whose client 2 fails in ``finish`` and whose loss cannot be vmapped when asked."""
+    """FedAvg whose client 2 fails while making its upload and whose loss cannot be vmapped when asked."""
 
     vmap_hostile: bool = False
 
-    def loss(self, downlink):
-        base = cross_entropy()
-        if not self.vmap_hostile:
-            return base
+    def loss(self):
+        return Hostile() if self.vmap_hostile else super().loss()
 
-        def loss(logits, batch, params):
-            if float(logits.detach().sum()) > 1e9:  # data-dependent control flow: no vmap
-                raise AssertionError
-            return base(logits, batch, params)
-
-        return loss
-
-    def finish(self, task, downlink, client, model, stats):
-        if client.id == 2:
-            raise RuntimeError("client 2 crashed")
-        return super().finish(task, downlink, client, model, stats)
+    def client_program(self, task, downlink, client):
+        program = super().client_program(task, downlink, client)
+        return dataclasses.replace(program, upload=[*program.upload,
+                                                    Custom(functools.partial(crash_client_2, client.id))])
 
 
 @pytest.mark.parametrize("hostile", [False, True])
@@ -161,22 +169,24 @@ def test_vectorized_isolates_failures(hostile):
     assert_close(ref, got)
 
 
-def test_vectorized_falls_back_for_adam_and_plain_algorithms():
+@dataclass(frozen=True)
+class Declined(FedAvg):
+    def client_program(self, task, downlink, client):
+        return dataclasses.replace(super().client_program(task, downlink, client), batchable="draws noise")
+
+
+def test_vectorized_falls_back_with_a_reason():
     task, clients = make_task(["mlp:hidden=8"], SIZES[:4])
     adam = FedAvg(local=LocalSGD(epochs=1, batch_size=4, optimizer="adam"))
     jobs = jobs_of(adam, task, clients)
-    assert_close(Sequential().run(adam, task, jobs), Vectorized().run(adam, task, jobs), exact=True)
+    vec = Vectorized()
+    assert_close(Sequential().run(adam, task, jobs), vec.run(adam, task, jobs), exact=True)
+    assert vec.batched == 0 and all("adam" in why for why in vec.reasons.values())
 
-    @dataclass(frozen=True)
-    class NoSplit:  # only client_update: no prepare/finish
-        inner: FedAvg
-
-        def client_update(self, task, downlink, client) -> ClientUpdate:
-            return local_update(self.inner, task, downlink, client)
-
-    plain = NoSplit(FedAvg(local=LOCAL))
-    jobs = jobs_of(plain.inner, task, clients)
-    assert_close(Sequential().run(plain, task, jobs), Vectorized().run(plain, task, jobs), exact=True)
+    declined = Declined(local=LOCAL)  # a program that says it must not be batched
+    jobs = jobs_of(declined, task, clients)
+    assert_close(Sequential().run(declined, task, jobs), vec.run(declined, task, jobs), exact=True)
+    assert vec.batched == 0 and set(vec.reasons.values()) == {"draws noise"}
 
 
 def test_serialisation_roundtrip():

@@ -6,12 +6,11 @@ Visual Classification. 2019. https://arxiv.org/abs/1909.06335
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kdfl import tree
-from kdfl.algorithms.fedavg import FedAvg, aggregate_deltas, apply_delta
-from kdfl.types import ClientUpdate, KdflError, ServerState, Task
+from kdfl.algorithms.fedavg import FedAvg
+from kdfl.algorithms.kit import server_opt
+from kdfl.types import KdflError
 
 
 @dataclass(frozen=True)
@@ -35,9 +34,5 @@ class FedAvgM(FedAvg):
                 f"algorithm.momentum must be in [0, 1) and server_lr > 0 (got {self.momentum}, {self.server_lr})"
             )
 
-    def server_update(self, task: Task, state: ServerState, updates: Sequence[ClientUpdate]) -> ServerState:
-        delta = aggregate_deltas(updates, self.aggregator)
-        v = state.extra.get("velocity")
-        v = delta if v is None else tree.add(tree.scale(v, self.momentum), delta)
-        params = apply_delta(state.params, v, self.server_lr)
-        return ServerState(params, state.round + 1, {**state.extra, "velocity": v})
+    def server_opt(self) -> server_opt.Chain:
+        return server_opt.chain(server_opt.Momentum(self.momentum), server_opt.Scale(self.server_lr))

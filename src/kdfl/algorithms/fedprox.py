@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdfl.algorithms.fedavg import FedAvg
-from kdfl.losses import Loss, cross_entropy, proximal
-from kdfl.types import KdflError, Payload
+from kdfl.losses import CrossEntropy, Loss, Proximal, Sum
+from kdfl.types import KdflError
 
 
 @dataclass(frozen=True)
@@ -28,5 +28,6 @@ class FedProx(FedAvg):
         if self.mu < 0:
             raise KdflError(f"algorithm.mu must be >= 0, got {self.mu}")
 
-    def loss(self, downlink: Payload) -> Loss:
-        return proximal(cross_entropy(), downlink, self.mu)
+    def loss(self) -> Loss:
+        # the anchor is the downlink weights (the program's "anchor" constant)
+        return Sum((CrossEntropy(), Proximal(self.mu))) if self.mu else CrossEntropy()

@@ -7,7 +7,7 @@ Messages from :mod:`kdfl.flower.server_app`:
 - ``train``: content ``payload`` (ArrayRecord: the packed downlink) and ``config``
   (ConfigRecord: ``round``, ``client-id``, ``kdfl-config`` = the resolved TOML). The app
   builds the same federation as the simulator (cached per process), the same
-  :class:`~kdfl.types.Client` (same seed derivation), runs ``algorithm.client_update``
+  :class:`~kdfl.types.Client` (same seed derivation), runs the algorithm's client program
   and replies with ``payload`` (ArrayRecord: the packed upload, native dtypes),
   ``metrics`` (MetricRecord: ``num-examples`` and train metrics) and ``config``.
 
@@ -24,6 +24,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from kdfl.algorithms.program import run_client
 from kdfl.flower.federation import Prepared, prepare_text
 from kdfl.flower.records import (
     STATE_KEY,
@@ -84,9 +85,9 @@ def train(msg: Message, context: Context) -> Message:
         raise KdflError(f"the server addressed client {cid} but this node holds partition-id={pid}")
     task = p.fed.task
     stored = load_client_state(context.state.get(STATE_KEY))
-    client = p.engine._client(cid, round_num, {cid: stored} if stored is not None else {})  # poisons labels
+    client = p.engine.client(cid, round_num, stored)  # as the simulator builds it (poisoned labels too)
     downlink = unpack(record_to_payload(msg.content.array_records["payload"]), p.downlink_codec)
-    update = p.fed.algorithm.client_update(task, downlink, client)
+    update = run_client(p.fed.algorithm, task, downlink, client)
     if client.malicious and p.threat is not None:
         update = p.threat.tamper([update], [True], round_num, task)[0]  # own upload only
     if update.client_state is not None:

@@ -59,13 +59,7 @@ def load_config(
                 f"set '{CONFIG_KEY}' in the Flower run config to an existing TOML path or to the TOML text"
             )
         return config_mod.load(found, overrides)
-    for item in overrides:
-        section, key, value = config_mod.parse_override(item)
-        raw.setdefault(section, {})
-        if key == "name" and section in ("partition", "algorithm", "attack") and raw[section].get("name") != value:
-            raw[section] = {}  # as kdfl.config.load: switching component drops the old component's options
-        raw[section][key] = value
-    return config_mod.validate(raw)
+    return config_mod.validate(config_mod.apply_overrides(raw, overrides))
 
 
 def split_overrides(text: str) -> list[str]:
@@ -80,7 +74,7 @@ class Prepared:
     cfg: Config
     text: str  # the resolved config as TOML (sent to the clients)
     fed: Federation
-    engine: Engine  # used for its sampling settings and ``_client`` (same Client as the simulator)
+    engine: Engine  # its settings, and ``client`` (the same Client as the simulator builds)
     threat: Threat | None
     uplink_codec: Codec | None
     downlink_codec: Codec | None

@@ -4,15 +4,14 @@ The ServerApp reads the kdfl config named in the Flower run config (``kdfl-confi
 TOML path, relative to the working directory or the app's directory, or the TOML text;
 ``kdfl-set``: overrides ``"section.key=value; ..."``; ``kdfl-out``: a directory for
 ``metrics.jsonl``, ``summary.json`` and ``params.pt``), builds the federation with
-:func:`kdfl.experiment.build` and runs the rounds of
-:class:`~kdfl.simulation.engine.Engine` with Flower messages in place of function calls:
+:func:`kdfl.experiment.build` and runs the simulator's round driver
+(:func:`kdfl.simulation.rounds.run_round`) with a transport of Flower messages:
 
 1. ``query.kdfl_partition`` to every node: kdfl client id = the node's ``partition-id``.
-2. per round: sample and drop clients like the engine; ``algorithm.configure`` ->
-   :func:`kdfl.transport.pack` -> ``ArrayRecord`` (one ``train`` message per client);
-   the replies' ``ArrayRecord`` -> unpack -> finite and ``validate`` checks
-   (:func:`~kdfl.simulation.engine.accept_upload`) -> ``server_update`` -> evaluation and
-   the same per-round record as the engine (:func:`~kdfl.simulation.engine.round_record`).
+2. per round, the driver samples and drops clients and builds the downlinks exactly as
+   in the simulator; :class:`FlowerTransport` packs each into an ``ArrayRecord`` (one
+   ``train`` message per client) and unpacks the replies; the driver checks, aggregates,
+   evaluates and writes the same per-round record as the simulator.
 
 Byte accounting comes from the real message contents: ``uplink_bytes`` / ``downlink_bytes``
 are the data bytes of the arrays in the ``ArrayRecord`` of each message, as Flower
@@ -47,10 +46,11 @@ from kdfl.flower.federation import (
     split_overrides,
 )
 from kdfl.flower.records import nbytes, payload_to_record, record_to_payload
-from kdfl.simulation.engine import History, accept_upload, round_record, summarize
-from kdfl.simulation.sampling import dropouts, sample_clients
+from kdfl.simulation.engine import History
+from kdfl.simulation.rounds import Exchange, Reply, summarize
+from kdfl.simulation.rounds import run_round as drive_round
 from kdfl.transport import pack, unpack
-from kdfl.types import ClientUpdate, KdflError, PayloadError, ServerState
+from kdfl.types import ClientInfo, KdflError, Payload, PayloadError, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -85,68 +85,55 @@ def discover(grid: Grid, p: Prepared, wait_s: float = 120.0) -> dict[int, int]:
     return mapping
 
 
+class FlowerTransport:
+    """The round driver's transport over Flower messages: one TRAIN message per client
+    (the packed downlink as an ``ArrayRecord`` plus the resolved config), the replies'
+    ``ArrayRecord`` unpacked for the server. Bytes are the data bytes of the arrays of
+    each message as Flower delivered them; ``uplink_record_bytes`` adds Flower's own count
+    (with the ``.npy`` headers). Client state stays on the nodes."""
+
+    def __init__(self, grid: Grid, p: Prepared, nodes: Mapping[int, int], timeout: float | None = None) -> None:
+        self.grid, self.p, self.nodes, self.timeout = grid, p, nodes, timeout
+
+    def exchange(self, round_num: int, jobs: Sequence[tuple[ClientInfo, Payload]]) -> Exchange:
+        p = self.p
+        msgs, down_bytes, cache = [], [], {}
+        for info, payload in jobs:
+            if id(payload) not in cache:
+                cache[id(payload)] = (payload_to_record(pack(payload, p.downlink_codec)), payload)
+            arrays, _ = cache[id(payload)]
+            down_bytes.append(nbytes(arrays))
+            conf = ConfigRecord({"round": round_num, "client-id": info.id, "kdfl-config": p.text})
+            msgs.append(Message(RecordDict({"payload": arrays, "config": conf}), dst_node_id=self.nodes[info.id],
+                                message_type=MessageType.TRAIN, group_id=str(round_num)))
+        got = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(msgs, timeout=self.timeout)}
+        replies, record_bytes = [], []
+        for info, _ in jobs:
+            reply = got.get(self.nodes[info.id])
+            if reply is None or reply.has_error():
+                replies.append(Reply(info.id, error="no reply" if reply is None else reply.error.reason))
+                continue
+            arrays = reply.content.array_records["payload"]
+            record_bytes.append(arrays.count_bytes())
+            m = reply.content.metric_records["metrics"]
+            metrics = {k[2:]: float(v) for k, v in m.items() if k.startswith("m.")}  # type: ignore[arg-type]
+            received: Payload | None
+            try:
+                received, reject = unpack(record_to_payload(arrays), p.uplink_codec), None
+            except PayloadError as e:
+                received, reject = None, str(e)
+            replies.append(Reply(info.id, int(m["num-examples"]), received, metrics, nbytes(arrays),  # type: ignore[arg-type]
+                                 reject=reject))
+        return Exchange(down_bytes, replies, {"uplink_record_bytes": int(sum(record_bytes))})
+
+
 def run_round(
     grid: Grid, p: Prepared, nodes: Mapping[int, int], state: ServerState, round_num: int,
     timeout: float | None = None,
 ) -> tuple[ServerState, dict[str, Any]]:
-    """One round through Flower; the same steps and record as ``Engine.round``."""
-    s, task, algorithm = p.engine.settings, p.fed.task, p.fed.algorithm
-    t0 = time.perf_counter()
-    sampled = sample_clients(p.num_clients, s.clients_per_round or p.num_clients, task.seed, round_num)
-    dropped = dropouts(sampled, s.dropout, task.seed, round_num)
-    active = [c for c in sampled if c not in dropped]
-
-    msgs, down_bytes, cache = [], [], {}
-    for cid in active:
-        client = p.engine._client(cid, round_num, {})  # server side: no client state (it lives on the node)
-        payload = algorithm.configure(task, state, client)
-        if id(payload) not in cache:
-            cache[id(payload)] = (payload_to_record(pack(payload, p.downlink_codec)), payload)
-        arrays, _ = cache[id(payload)]
-        down_bytes.append(nbytes(arrays))
-        conf = ConfigRecord({"round": round_num, "client-id": cid, "kdfl-config": p.text})
-        msgs.append(Message(RecordDict({"payload": arrays, "config": conf}), dst_node_id=nodes[cid],
-                            message_type=MessageType.TRAIN, group_id=str(round_num)))
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
-
-    accepted: list[ClientUpdate] = []
-    failed: list[int] = []
-    rejected: list[int] = []
-    up_bytes: list[int] = []
-    record_bytes: list[int] = []
-    for cid in active:  # the engine's order, so aggregation sums in the same order
-        reply = replies.get(nodes[cid])
-        if reply is None or reply.has_error():
-            why = "no reply" if reply is None else reply.error.reason
-            log.warning("round %d: client %d failed and is excluded: %s", round_num, cid, why)
-            failed.append(cid)
-            continue
-        arrays = reply.content.array_records["payload"]
-        up_bytes.append(nbytes(arrays))
-        record_bytes.append(arrays.count_bytes())
-        m = reply.content.metric_records["metrics"]
-        metrics = {k[2:]: float(v) for k, v in m.items() if k.startswith("m.")}  # type: ignore[arg-type]
-        try:
-            update = ClientUpdate(cid, int(m["num-examples"]), {}, metrics)  # type: ignore[arg-type]
-            received = accept_upload(algorithm, task, state,
-                                     update, unpack(record_to_payload(arrays), p.uplink_codec))
-        except PayloadError as e:
-            log.warning("round %d: payload of client %d rejected: %s", round_num, cid, e)
-            rejected.append(cid)
-            continue
-        accepted.append(received)
-
-    if accepted:
-        state = algorithm.server_update(task, state, accepted)
-    else:
-        log.warning("round %d: no client update accepted; the server state is unchanged", round_num)
-        state = ServerState(state.params, state.round + 1, state.extra)
-    record = round_record(task, state, round_num, s, sampled=sampled, dropped=dropped, failed=failed,
-                          rejected=rejected, active=active, up_bytes=up_bytes, down_bytes=down_bytes,
-                          accepted=accepted)
-    record["uplink_record_bytes"] = int(sum(record_bytes))
-    record["wall_seconds"] = time.perf_counter() - t0
-    return state, record
+    """One round through Flower: the simulator's round driver with :class:`FlowerTransport`."""
+    return drive_round(p.fed.algorithm, p.fed.task, state, round_num, p.engine.settings, p.num_clients,
+                       FlowerTransport(grid, p, nodes, timeout))
 
 
 def run(grid: Grid, cfg: Config, out: str | Path | None = None, wait_s: float = 120.0,

@@ -94,7 +94,7 @@ def simulate_clients(
     algorithm: Algorithm, task: Task, jobs: Sequence[tuple[Any, Payload]], rounds: int = 1,
     num_cpus: int | None = None,
 ) -> FlowerRounds:
-    """Run ``algorithm.client_update`` for ``jobs`` (client, downlink) on Flower's simulation
+    """Run the clients of ``algorithm`` (:func:`kdfl.algorithms.program.run_client`) for ``jobs`` (client, downlink) on Flower's simulation
     engine for ``rounds`` rounds: one SuperNode per job, one TRAIN message per SuperNode and
     round (the downlink as an ArrayRecord), the replies decoded into ClientUpdates.
 
@@ -111,6 +111,7 @@ def simulate_clients(
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
+    from kdfl.algorithms.program import run_client
     from kdfl.flower.records import payload_to_record, record_to_payload
 
     if rounds < 1:
@@ -123,7 +124,7 @@ def simulate_clients(
     def train(msg: Message, context: Context) -> Message:
         alg, t, clients = _unpack(token, blob)
         i = int(msg.content.config_records["config"]["job"])  # type: ignore[arg-type]
-        u = alg.client_update(t, record_to_payload(msg.content.array_records["payload"]), clients[i])
+        u = run_client(alg, t, record_to_payload(msg.content.array_records["payload"]), clients[i])
         content = RecordDict({"payload": payload_to_record(u.payload),
                               "config": ConfigRecord({"job": i, "num-examples": u.num_examples})})
         return Message(content, reply_to=msg)

@@ -1,68 +1,64 @@
-"""The round loop. It never branches on the algorithm.
+"""The simulator: the round driver of :mod:`kdfl.simulation.rounds` with an in-process
+transport, plus the run loop (resume, metrics, checkpoints). It never branches on the
+algorithm.
 
-Per round: sample clients, build each downlink payload (``algorithm.configure``),
-compress and encode it (bytes counted) and decode it on the client side, run the clients
-through the executor, let Byzantine clients tamper with their uploads, compress and
-encode every upload (bytes counted), decode and validate it (malformed payloads are rejected and logged), fold the
-accepted updates into the server state, evaluate, log, checkpoint.
+The in-process transport (:class:`LocalTransport`) does what the network and the
+clients' machines do in a deployment: it compresses and encodes each downlink (bytes
+counted) and decodes it on the client side, runs the clients through the executor, keeps
+each client's state (a client keeps its state whenever its training finished, like a
+Flower node does), lets Byzantine clients tamper with their uploads, compresses and
+encodes every upload (bytes counted) and decodes it for the server. A client that
+raises, or whose upload cannot be encoded, is a failed client; an upload that cannot be
+decoded is rejected with a reason; the round goes on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from kdfl import metrics, wire
+from kdfl import wire
 from kdfl.compression import Codec
 from kdfl.rng import derive
 from kdfl.simulation import checkpoint
 from kdfl.simulation.executors import ClientFailure, Executor, Sequential
-from kdfl.simulation.sampling import dropouts, sample_clients
-from kdfl.train import evaluate
+from kdfl.simulation.rounds import (  # noqa: F401  (re-exported: the engine's public names)
+    Exchange,
+    Reply,
+    RunSettings,
+    accept_upload,
+    evaluate_state,
+    round_record,
+    run_round,
+    summarize,
+)
 from kdfl.transport import pack, unpack
-from kdfl.types import Algorithm, Client, ClientUpdate, KdflError, Payload, PayloadError, ServerState, Task
+from kdfl.types import (
+    Algorithm,
+    Client,
+    ClientInfo,
+    ClientState,
+    ClientUpdate,
+    KdflError,
+    Payload,
+    PayloadError,
+    ServerState,
+    Task,
+)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """Round-loop settings (the ``[run]`` config section).
-
-    Args:
-        rounds: communication rounds.
-        clients_per_round: clients sampled per round (0 = all).
-        eval_every: evaluate the global model every k rounds (and after the last).
-        target_accuracy: accuracy for ``rounds_to_target`` (None: not reported).
-        dropout: probability that a sampled client drops out before training.
-        checkpoint_every: write a checkpoint every k rounds (0 = never).
-    """
-
-    rounds: int = 10
-    clients_per_round: int = 0
-    eval_every: int = 1
-    target_accuracy: float | None = None
-    dropout: float = 0.0
-    checkpoint_every: int = 1
-
-    def __post_init__(self) -> None:
-        if self.rounds < 1 or self.eval_every < 1 or self.clients_per_round < 0 or self.checkpoint_every < 0:
-            raise KdflError("run: rounds and eval_every must be >= 1, clients_per_round and checkpoint_every >= 0")
-        if not 0 <= self.dropout < 1:
-            raise KdflError(f"run.dropout must be in [0, 1), got {self.dropout}")
-
-
 class Threat(Protocol):
-    """Byzantine behaviour, applied by the engine to the malicious clients."""
+    """Byzantine behaviour, applied on the client side to the malicious clients."""
 
     def poison(self, client: Client, task: Task) -> Client: ...
 
@@ -80,73 +76,74 @@ class History:
     state: ServerState | None = None
 
 
-def evaluate_state(task: Task, state: ServerState) -> dict[str, float]:
-    """Accuracy, NLL and ECE of the server model ``state.params`` on the test set."""
-    model = task.new_model(task.server_arch)
-    model.load_state_dict(state.params)
-    return evaluate(model, task.test)
+def make_client(task: Task, rows: Tensor, info: ClientInfo, state: ClientState | None,
+                threat: Threat | None) -> Client:
+    """Client ``info.id`` for one round, exactly as every runtime builds it: its rows of
+    the training pool, its seed from (run seed, round, id), its kept state, and its data
+    poisoned when it is malicious under a data attack."""
+    client = Client(
+        id=info.id, data=task.train.subset(rows), arch=info.arch, round=info.round,
+        seed=derive(task.seed, "client", info.round, info.id), state=state, malicious=info.id in task.malicious,
+    )
+    if client.malicious and threat is not None:
+        client = threat.poison(client, task)
+    return client
 
 
-def _finite(payload: Payload) -> None:
-    for k, v in payload.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise PayloadError(f"payload entry {k!r} holds NaN or infinite values")
+class LocalTransport:
+    """The simulator's transport: codecs and wire in process, clients on an executor.
 
-
-def accept_upload(
-    algorithm: Algorithm, task: Task, state: ServerState, update: ClientUpdate, payload: Payload
-) -> ClientUpdate:
-    """The update as the server received it (``payload`` decoded from the wire), checked:
-    finite values and the algorithm's own ``validate``. Raises PayloadError."""
-    _finite(payload)
-    received = ClientUpdate(update.client_id, update.num_examples, payload, update.metrics, update.client_state)
-    validate = getattr(algorithm, "validate", None)
-    if validate is not None:
-        validate(task, state, received)
-    return received
-
-
-def round_record(
-    task: Task,
-    state: ServerState,
-    round_num: int,
-    settings: RunSettings,
-    *,
-    sampled: Sequence[int],
-    dropped: Iterable[int],
-    failed: Sequence[int],
-    rejected: Sequence[int],
-    active: Sequence[int],
-    up_bytes: Sequence[int],
-    down_bytes: Sequence[int],
-    accepted: Sequence[ClientUpdate],
-) -> dict[str, Any]:
-    """The per-round record (without ``wall_seconds``), evaluating ``state`` when due.
-
-    Shared by the engine and the Flower ServerApp so both write the same records.
+    ``states`` holds the stateful clients' :class:`ClientState` between rounds.
     """
-    record: dict[str, Any] = {
-        "round": round_num,
-        "clients": sampled,
-        "dropped": sorted(dropped),
-        "failed": list(failed),
-        "rejected": rejected,
-        "malicious": [c for c in active if c in task.malicious],
-        "uplink_bytes": int(sum(up_bytes)),
-        "downlink_bytes": int(sum(down_bytes)),
-        "uplink_bytes_per_client": float(np.mean(up_bytes)) if up_bytes else 0.0,
-        "downlink_bytes_per_client": float(np.mean(down_bytes)) if down_bytes else 0.0,
-        "train_loss": float(np.mean([u.metrics.get("train_loss", math.nan) for u in accepted]))
-        if accepted
-        else math.nan,
-    }
-    for key in sorted({k for u in accepted for k in u.metrics} - {"train_loss", "steps"}):
-        record[key] = float(np.mean([u.metrics[key] for u in accepted if key in u.metrics]))
-    for key, value in state.extra.get("metrics", {}).items():
-        record[key] = value
-    if round_num % settings.eval_every == 0 or round_num == settings.rounds:
-        record.update(evaluate_state(task, state))
-    return record
+
+    def __init__(self, algorithm: Algorithm, task: Task, partitions: Sequence[Tensor], executor: Executor,
+                 threat: Threat | None = None, uplink_codec: Codec | None = None,
+                 downlink_codec: Codec | None = None, states: dict[int, ClientState] | None = None) -> None:
+        self.algorithm, self.task, self.partitions, self.executor = algorithm, task, partitions, executor
+        self.threat, self.uplink_codec, self.downlink_codec = threat, uplink_codec, downlink_codec
+        self.states: dict[int, ClientState] = {} if states is None else states
+
+    def exchange(self, round_num: int, jobs: Sequence[tuple[ClientInfo, Payload]]) -> Exchange:
+        # downlink: encode once per distinct payload object, decode on the client side
+        cache: dict[int, tuple[int, Payload, Payload]] = {}
+        down_bytes, runs = [], []
+        for info, payload in jobs:
+            if id(payload) not in cache:
+                buf = wire.encode(pack(payload, self.downlink_codec))
+                cache[id(payload)] = (len(buf), unpack(wire.decode(buf), self.downlink_codec), payload)  # keeps id alive
+            nb, decoded, _ = cache[id(payload)]
+            down_bytes.append(nb)
+            client = make_client(self.task, self.partitions[info.id], info, self.states.get(info.id), self.threat)
+            runs.append((client, decoded))
+
+        results = self.executor.run(self.algorithm, self.task, runs)
+        replies: dict[int, Reply] = {}
+        updates = []
+        for r in results:
+            if isinstance(r, ClientFailure):
+                replies[r.client_id] = Reply(r.client_id, error=r.error)
+                continue
+            if r.client_state is not None:  # the client keeps what it trained, whatever the server decides
+                self.states[r.client_id] = r.client_state
+            updates.append(r)
+        if self.threat is not None and updates:
+            updates = self.threat.tamper(updates, [u.client_id in self.task.malicious for u in updates], round_num,
+                                         self.task)
+
+        # uplink: what crosses the wire is the encoding; the server sees its decoding
+        for u in updates:
+            try:
+                buf = wire.encode(pack(u.payload, self.uplink_codec))
+            except (KdflError, ValueError, RuntimeError) as e:  # e.g. fp16 overflow: the client cannot send
+                replies[u.client_id] = Reply(u.client_id, error=f"cannot encode its upload: {e}")
+                continue
+            received: Payload | None
+            try:
+                received, reject = unpack(wire.decode(buf), self.uplink_codec), None
+            except PayloadError as e:
+                received, reject = None, str(e)
+            replies[u.client_id] = Reply(u.client_id, u.num_examples, received, u.metrics, len(buf), reject=reject)
+        return Exchange(down_bytes, [replies[info.id] for info, _ in jobs])
 
 
 class Engine:
@@ -175,84 +172,26 @@ class Engine:
         if len(task.client_archs) != len(self.partitions):
             raise KdflError(f"{len(self.partitions)} partitions but {len(task.client_archs)} client architectures")
 
-    # -- one round -------------------------------------------------------------------
-    def _client(self, cid: int, round_num: int, client_states: dict[int, Any]) -> Client:
-        client = Client(
-            id=cid,
-            data=self.task.train.subset(self.partitions[cid]),
-            arch=self.task.client_archs[cid],
-            round=round_num,
-            seed=derive(self.task.seed, "client", round_num, cid),
-            state=client_states.get(cid),
-            malicious=cid in self.task.malicious,
-        )
-        if client.malicious and self.threat is not None:
-            client = self.threat.poison(client, self.task)
-        return client
+    def transport(self, states: dict[int, ClientState]) -> LocalTransport:
+        return LocalTransport(self.algorithm, self.task, self.partitions, self.executor, self.threat,
+                              self.uplink_codec, self.downlink_codec, states)
 
-    def round(
-        self, state: ServerState, round_num: int, client_states: dict[int, Any]
-    ) -> tuple[ServerState, dict[str, Any]]:
-        s, task = self.settings, self.task
-        t0 = time.perf_counter()
-        n = len(self.partitions)
-        sampled = sample_clients(n, s.clients_per_round or n, task.seed, round_num)
-        dropped = dropouts(sampled, s.dropout, task.seed, round_num)
-        active = [c for c in sampled if c not in dropped]
+    def client(self, cid: int, round_num: int, state: ClientState | None = None) -> Client:
+        """Client ``cid`` in ``round_num``, as the transport builds it."""
+        info = ClientInfo(cid, self.task.client_archs[cid], round_num)
+        return make_client(self.task, self.partitions[cid], info, state, self.threat)
 
-        # downlink: encode once per distinct payload object, decode on the client side
-        jobs, down_bytes, cache = [], [], {}
-        for cid in active:
-            client = self._client(cid, round_num, client_states)
-            payload = self.algorithm.configure(task, state, client)
-            if id(payload) not in cache:
-                buf = wire.encode(pack(payload, self.downlink_codec))
-                cache[id(payload)] = (len(buf), unpack(wire.decode(buf), self.downlink_codec), payload)  # keep payload alive for id()
-            nb, decoded, _ = cache[id(payload)]
-            down_bytes.append(nb)
-            jobs.append((client, decoded))
-
-        results = self.executor.run(self.algorithm, task, jobs)
-        failed = [r for r in results if isinstance(r, ClientFailure)]
-        for f in failed:
-            log.warning("round %d: client %d failed and is excluded: %s", round_num, f.client_id, f.error)
-        updates = [r for r in results if isinstance(r, ClientUpdate)]
-        if self.threat is not None and updates:
-            updates = self.threat.tamper(updates, [u.client_id in task.malicious for u in updates], round_num, task)
-
-        # uplink: what crosses the wire is the encoding; the server sees its decoding
-        accepted, rejected, up_bytes = [], [], []
-        for u in updates:
-            buf = wire.encode(pack(u.payload, self.uplink_codec))
-            up_bytes.append(len(buf))
-            try:
-                received = accept_upload(self.algorithm, task, state, u, unpack(wire.decode(buf), self.uplink_codec))
-            except PayloadError as e:
-                log.warning("round %d: payload of client %d rejected: %s", round_num, u.client_id, e)
-                rejected.append(u.client_id)
-                continue
-            accepted.append(received)
-            if u.client_state is not None:
-                client_states[u.client_id] = u.client_state
-
-        if accepted:
-            state = self.algorithm.server_update(task, state, accepted)
-        else:
-            log.warning("round %d: no client update accepted; the server state is unchanged", round_num)
-            state = ServerState(state.params, state.round + 1, state.extra)
-
-        record = round_record(
-            task, state, round_num, s, sampled=sampled, dropped=dropped, failed=[f.client_id for f in failed],
-            rejected=rejected, active=active, up_bytes=up_bytes, down_bytes=down_bytes, accepted=accepted,
-        )
-        record["wall_seconds"] = time.perf_counter() - t0
-        return state, record
+    def round(self, state: ServerState, round_num: int,
+              client_states: dict[int, ClientState]) -> tuple[ServerState, dict[str, Any]]:
+        """One round (``client_states`` is updated in place with what clients keep)."""
+        return run_round(self.algorithm, self.task, state, round_num, self.settings, len(self.partitions),
+                         self.transport(client_states))
 
     # -- the run ---------------------------------------------------------------------
     def run(self, resume: bool = False) -> History:
         """Run all rounds (continuing from the checkpoint when ``resume``)."""
         hist = History()
-        client_states: dict[int, Any] = {}
+        client_states: dict[int, ClientState] = {}
         start = 1
         if resume:
             if self.run_dir is None:
@@ -287,26 +226,3 @@ class Engine:
         if self.run_dir is not None:
             (self.run_dir / "summary.json").write_text(json.dumps(hist.summary, indent=2) + "\n")
         return hist
-
-
-def summarize(records: Sequence[dict[str, Any]], target: float | None) -> dict[str, Any]:
-    """The run summary written to ``summary.json``."""
-    evals = [r for r in records if "accuracy" in r]
-    accs = [r["accuracy"] for r in evals]
-    last = evals[-1] if evals else {}
-    return {
-        "rounds": len(records),
-        "final_accuracy": last.get("accuracy"),
-        "best_accuracy": max(accs) if accs else None,
-        "final_nll": last.get("nll"),
-        "final_ece": last.get("ece"),
-        "target_accuracy": target,
-        "rounds_to_target": metrics.rounds_to_target([r["round"] for r in evals], accs, target),
-        "uplink_bytes_per_client_round": float(np.mean([r["uplink_bytes_per_client"] for r in records])),
-        "downlink_bytes_per_client_round": float(np.mean([r["downlink_bytes_per_client"] for r in records])),
-        "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in records)),
-        "downlink_bytes_total": int(sum(r["downlink_bytes"] for r in records)),
-        "wall_seconds": float(sum(r["wall_seconds"] for r in records)),
-        "failed_clients": sum(len(r["failed"]) for r in records),
-        "rejected_payloads": sum(len(r["rejected"]) for r in records),
-    }

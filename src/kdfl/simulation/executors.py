@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kdfl.types import Algorithm, Client, ClientUpdate, KdflError, Payload, Task
+from kdfl.registry import Registry, signature_options
+from kdfl.types import Algorithm, Client, ClientUpdate, Payload, Task
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,12 @@ class Executor(Protocol):
 
 
 def run_one(algorithm: Algorithm, task: Task, client: Client, downlink: Payload) -> Result:
-    """Run one client's update, turning any exception into a ClientFailure."""
+    """Run one client's program with the reference runner, turning any exception into a
+    ClientFailure."""
+    from kdfl.algorithms.program import run_client  # the algorithms package imports executors' users
+
     try:
-        return algorithm.client_update(task, downlink, client)
+        return run_client(algorithm, task, downlink, client)
     except Exception as e:  # a crashed client must not end the run
         return ClientFailure(client.id, f"{type(e).__name__}: {e}", traceback.format_exc())
 
@@ -54,46 +58,18 @@ class Sequential:
         return [run_one(algorithm, task, c, d) for c, d in jobs]
 
 
-EXECUTORS: dict[str, type] = {"sequential": Sequential}
-
-
-def _lazy(module: str, cls: str) -> type:
-    """A registry entry imported on first use (the fast executors import this module)."""
-
-    def make(*args: object, **kwargs: object) -> Executor:
-        import importlib
-
-        return getattr(importlib.import_module(module), cls)(*args, **kwargs)
-
-    make.__name__ = make.__qualname__ = cls
-    make.target = (module, cls)  # type: ignore[attr-defined]  # what make_executor inspects for options
-    return make  # type: ignore[return-value]
-
-
-EXECUTORS.update({
-    "vectorized": _lazy("kdfl.simulation.vectorized", "Vectorized"),  # torch.func vmap over stacked clients
-    "parallel": _lazy("kdfl.simulation.parallel", "Parallel"),  # a pool of single-threaded processes
-    "auto": _lazy("kdfl.simulation.auto", "Auto"),  # picks per model and device
-})
-
-
-def _executor_class(name: str) -> type:
-    import importlib
-
-    entry = EXECUTORS[name]
-    target = getattr(entry, "target", None)
-    return getattr(importlib.import_module(target[0]), target[1]) if target else entry
-
-
-def _options(cls: type) -> dict[str, Any]:
-    import inspect
-
-    return {k: p for k, p in inspect.signature(cls).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD}
+# options: the constructor's parameters, checked against their annotations
+EXECUTORS: Registry[type] = Registry("executor", options_of=signature_options)
+EXECUTORS.add("sequential", Sequential)
+# lazy: the fast executors import this module
+EXECUTORS.add_lazy("vectorized", "kdfl.simulation.vectorized:Vectorized")  # torch.func vmap over stacked clients
+EXECUTORS.add_lazy("parallel", "kdfl.simulation.parallel:Parallel")  # a pool of single-threaded processes
+EXECUTORS.add_lazy("auto", "kdfl.simulation.auto:Auto")  # picks per model and device
 
 
 def executor_options() -> dict[str, dict[str, Any]]:
     """Every executor with its options and their defaults (``kdfl list executors``)."""
-    return {name: {k: p.default for k, p in _options(_executor_class(name)).items()} for name in EXECUTORS}
+    return {name: EXECUTORS.defaults(name) for name in EXECUTORS}
 
 
 def make_executor(spec: str) -> Executor:
@@ -101,26 +77,9 @@ def make_executor(spec: str) -> Executor:
     ``"parallel:workers=4,inner=vectorized"``, ``"vectorized:max_memory_mb=512"``.
 
     Raises:
-        KdflError: an unknown executor (with close matches), an unknown option (naming the
-            allowed ones) or an option value of the wrong type.
+        KdflError: a malformed spec, an unknown executor (with close matches), an unknown
+            option (naming the allowed ones) or an option value of the wrong type.
     """
-    from kdfl.spec import parse_spec, unknown
-
-    name, options = parse_spec(spec)
-    if name not in EXECUTORS:
-        raise unknown("executor", name, EXECUTORS)
-    cls = _executor_class(name)
-    params = _options(cls)
-    for key, value in options.items():
-        if key not in params:
-            allowed = ", ".join(f"{k} (default {p.default!r})" for k, p in params.items()) or "none"
-            raise KdflError(f"executor {name!r} has no option {key!r}; allowed: {allowed}")
-        default, kind = params[key].default, str(params[key].annotation)  # "int", "float", "str"
-        if kind in ("int", "float"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and
-                                                                              not isinstance(value, int)):
-                raise KdflError(f"executor option {name}:{key} must be {'an integer' if kind == 'int' else 'a number'}"
-                                f" like {default!r}, got {value!r}")
-        elif kind == "str" and not isinstance(value, str):
-            raise KdflError(f"executor option {name}:{key} must be a name like {default!r}, got {value!r}")
-    return cls(**options)  # type: ignore[no-any-return]
+    cls, options = EXECUTORS.resolve(spec)
+    executor: Executor = cls(**options)
+    return executor

@@ -1,15 +1,22 @@
-"""The ``vectorized`` executor: same-architecture clients trained together with ``torch.func``.
+"""The ``vectorized`` executor: clients with the same program structure trained together
+with ``torch.func``.
 
-Clients whose jobs (:class:`~kdfl.algorithms.base.LocalJob`) share an architecture, the
-local-training settings and the *form* of their loss are stacked along a leading client
-axis (``stack``), and one ``vmap(grad(loss))`` call computes the gradients of all of them
-for one step; the SGD update (momentum, weight decay, exactly as ``torch.optim.SGD``)
-runs on the stacked tensors. What it reproduces of :func:`kdfl.train.local_train`:
+Clients whose programs (:class:`~kdfl.algorithms.program.Program`) declare the same
+structure -- the same models (names, architectures, weight shapes), the same phases
+(equal losses, settings, trained and frozen models, outputs, data and constant shapes)
+and the same kinds of uploads -- are stacked along a leading client axis, and one
+``vmap(grad(loss))`` call computes the gradients of all of them for one step of a phase;
+the SGD update (momentum, weight decay, exactly as ``torch.optim.SGD``) runs on the
+stacked tensors. Programs with several models and several phases batch the same way
+(every model of the program is stacked; the phases run one after the other on the
+stacked state). Batchability is *declared*: losses are values (frozen dataclasses), and
+per-client tensors sit only in the models' weights, ``Phase.consts`` and the phase data.
+What it reproduces of :func:`kdfl.algorithms.program.run_program`:
 
-- the batch order: every client's batches come from
-  ``batch_indices(len(data), job.local, client.generator())``, as in ``local_train``;
-- the number of steps: clients are sorted by their step count, so the clients still
-  training at step t are a prefix of the chunk; finished clients simply leave it;
+- the batch order: phase i of every client draws its batches from
+  ``batch_indices(len(data), phase.local, client.generator(i))``;
+- the number of steps: per phase, clients are ordered by their step count, so the
+  clients still training at step t are a prefix of the chunk; finished clients leave it;
 - ragged batches (the last batch of an epoch): batches are padded to the longest one and
   the loss is evaluated per sample (an inner ``vmap`` over the batch, each sample seen as
   a batch of one) and averaged over the real samples only. This equals the unpadded
@@ -17,27 +24,20 @@ runs on the stacked tensors. What it reproduces of :func:`kdfl.train.local_train
   parameters (cross-entropy, the proximal term, batch-mean KD), which is checked on the
   first batch of every group; losses that fail the check, and models with BatchNorm
   (whose batch statistics must not see padding), are bucketed instead: only clients with
-  the same number of examples (hence identical batch sizes at every step) are stacked;
+  the same data sizes (hence identical batch sizes at every step) are stacked;
 - BatchNorm keeps per-client running statistics (the stacked buffers are updated in
   place by the batched forward); GroupNorm and models without normalisation need nothing;
-- ``stats`` = ``{"train_loss": mean loss over the steps, "steps": steps}``; a client
-  whose loss becomes NaN/inf is rerun sequentially, so it fails exactly as in
-  ``local_train``;
-- ``finish``: called per client on one model that receives each client's trained state
-  in turn, unless the algorithm has ``finish_stacked(task, jobs, state, stats)`` (defined
-  by the class that defines ``finish``, or below it), which turns the stacked states of
-  all clients into their updates at once (FedAvg-family deltas: one subtraction per
-  tensor for the whole chunk instead of one ``finish`` per client).
+- the metrics (``<phase>_loss`` per phase, ``steps``); a client whose loss becomes
+  NaN/inf is rerun by the reference runner, so it fails exactly as there;
+- the uploads: weight deltas of all clients at once (one subtraction per tensor for the
+  chunk), every other upload per client on a model that receives each client's trained
+  state in turn; kept models are rows of the stacked state.
 
-Losses are per-client closures (``cross_entropy()`` returns a new function per call):
-two jobs are batched together when their loss closures have the same code and the same
-constants, with tensors in the closures either shared (the same object, e.g. FedProx's
-anchor) or of equal shape; per-client tensors are stacked and sliced inside ``vmap``.
-
-Everything else runs sequentially, one job at a time (logged at debug level): algorithms
-without ``prepare``/``finish``, Adam, models with active dropout (their masks come from
-the global RNG), groups of one, and any group whose batched run raises (it is rerun
-client by client, so only a client that really fails becomes a
+Everything else runs through the reference runner, one client at a time (logged at
+debug level, with the reason): programs that say they are not batchable, losses that are
+not hashable values, Adam, models with active dropout (their masks come from the global
+RNG), groups of one, and any group whose batched run raises (it is rerun client by
+client, so only a client that really fails becomes a
 :class:`~kdfl.simulation.executors.ClientFailure`).
 
 The client axis is chunked so that the stacked parameters, optimizer state and
@@ -51,12 +51,9 @@ the tests assert ``atol=1e-5``.
 from __future__ import annotations
 
 import copy
-import functools
 import logging
-import math
-import sys
-import types
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,88 +61,73 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from kdfl.algorithms.base import LocalJob, LocalTraining
-from kdfl.losses import Batch
-from kdfl.simulation.executors import Job, Result, run_one
-from kdfl.train import batch_indices
-from kdfl.types import Algorithm, Client, KdflError, Payload, Task
+from kdfl.algorithms.program import (
+    Data,
+    Delta,
+    Phase,
+    Program,
+    client_metrics,
+    phase_data,
+    run_program,
+)
+from kdfl.losses import Batch, Outputs
+from kdfl.simulation.executors import ClientFailure, Job, Result
+from kdfl.train import batch_indices, model_outputs
+from kdfl.types import Algorithm, Client, ClientState, ClientUpdate, KdflError, Payload, Task
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------- loss lifting
-Builder = Callable[[Sequence[Any]], Any]
-_CONST = (int, float, bool, str, bytes, type(None), complex)
-
-
-def _lift(obj: Any, leaves: list[Tensor], depth: int = 0) -> tuple[Any, Builder]:
-    """Split ``obj`` (a loss closure, and what it captures) into a hashable structure key,
-    the tensors it holds (appended to ``leaves``) and a builder that rebuilds it from new
-    tensors (``builder(leaves)``). Objects it cannot look into count by identity."""
-    if isinstance(obj, Tensor):
-        i = len(leaves)
-        leaves.append(obj)
-        return ("T", tuple(obj.shape), obj.dtype, obj.device), lambda ls: ls[i]
-    if isinstance(obj, _CONST) and not (isinstance(obj, float) and math.isnan(obj)):
-        return ("C", type(obj), obj), lambda ls: obj
-    if depth < 8:
-        if type(obj) in (dict, list, tuple) and len(obj) <= 4096:
-            items = list(obj.items()) if isinstance(obj, dict) else list(enumerate(obj))
-            if all(isinstance(k, (str, int)) for k, _ in items):
-                parts = [(k, *_lift(v, leaves, depth + 1)) for k, v in items]
-                key: tuple[Any, ...] = (type(obj).__name__, tuple((k, pk) for k, pk, _ in parts))
-                if isinstance(obj, dict):
-                    return key, lambda ls: {k: b(ls) for k, _, b in parts}
-                kind = type(obj)
-                return key, lambda ls: kind(b(ls) for _, _, b in parts)
-        if isinstance(obj, types.FunctionType):
-            cells: list[tuple[Any, Any]] = []
-            for cell in obj.__closure__ or ():
-                try:
-                    cells.append(_lift(cell.cell_contents, leaves, depth + 1))
-                except ValueError:  # an empty cell
-                    cells.append((("EMPTY",), None))
-            dkey, dbuild = _lift(obj.__defaults__, leaves, depth + 1)
-            kwkey, kwbuild = _lift(obj.__kwdefaults__, leaves, depth + 1)
-            key = ("F", obj.__code__, id(obj.__globals__), dkey, kwkey, tuple(k for k, _ in cells))
-
-            def build_fn(ls: Sequence[Any], fn: types.FunctionType = obj) -> Any:
-                closure = tuple(types.CellType() if b is None else types.CellType(b(ls)) for _, b in cells)
-                new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, dbuild(ls), closure)
-                new.__kwdefaults__ = kwbuild(ls)
-                return new
-
-            return key, build_fn
-        if isinstance(obj, functools.partial):
-            fkey, fb = _lift(obj.func, leaves, depth + 1)
-            akey, ab = _lift(obj.args, leaves, depth + 1)
-            kkey, kb = _lift(dict(obj.keywords), leaves, depth + 1)
-            return ("P", fkey, akey, kkey), lambda ls: functools.partial(fb(ls), *ab(ls), **kb(ls))
-    return ("O", id(obj)), lambda ls: obj
+class _Unbatchable(Exception):
+    """Why a program runs through the reference runner."""
 
 
 @dataclass
 class _Item:
-    """One job of a group, ready to train."""
+    """One client of a group, ready to train."""
 
     pos: int  # index in the executor's job list
     client: Client
-    downlink: Payload
-    job: LocalJob
-    leaves: list[Tensor]
-    batches: list[Tensor] = field(default_factory=list)
+    program: Program
+    datas: list[Data] = field(default_factory=list)  # per phase
+    batches: list[list[Tensor]] = field(default_factory=list)  # per phase
 
 
-def _stacked_finish(algorithm: Algorithm) -> Callable[..., list[Any]] | None:
-    """``algorithm.finish_stacked`` when it stands for the algorithm's ``finish``: defined
-    by the class that defines ``finish`` or by a subclass of it (a subclass that overrides
-    only ``finish`` must not be bypassed)."""
-    mro = type(algorithm).__mro__
-    owner = next((c for c in mro if "finish_stacked" in c.__dict__), None)
-    finish_owner = next((c for c in mro if "finish" in c.__dict__), None)
-    if owner is None or finish_owner is None or not issubclass(owner, finish_owner):
-        return None
-    return algorithm.finish_stacked  # type: ignore[attr-defined, no-any-return]
+def _tensors_key(values: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The shapes and dtypes of per-client constants (tensors or state dicts)."""
+    out: list[Any] = []
+    for k, v in values.items():
+        if isinstance(v, Tensor):
+            out.append((k, tuple(v.shape), v.dtype))
+        elif isinstance(v, Mapping) and all(isinstance(t, Tensor) for t in v.values()):
+            out.append((k, tuple((n, tuple(t.shape), t.dtype) for n, t in v.items())))
+        else:
+            raise _Unbatchable(f"phase constant {k!r} is a {type(v).__name__}, not a tensor or a state dict")
+    return tuple(out)
+
+
+def structure(program: Program) -> Hashable:
+    """What must be equal for two clients' programs to train as one batched program."""
+    if program.batchable:
+        raise _Unbatchable(program.batchable)
+    models = tuple((name, m.arch, tuple((k, tuple(v.shape), v.dtype) for k, v in m.weights.items()))
+                   for name, m in program.models.items())
+    phases = []
+    for ph in program.phases:
+        try:
+            hash(ph.loss)
+        except TypeError:
+            raise _Unbatchable(f"the loss of phase {ph.name!r} is not a hashable value (declare it as a frozen "
+                               "dataclass)") from None
+        if ph.local.optimizer != "sgd":
+            raise _Unbatchable(f"optimizer {ph.local.optimizer!r} is not batched (only SGD)")
+        d = ph.data
+        dkey = None if d is None else (tuple(d.x.shape[1:]), d.x.dtype, d.y is None,
+                                       _tensors_key({k: v[:0] for k, v in d.targets.items()}))
+        phases.append((ph.name, ph.loss, ph.local, ph.train, ph.frozen, ph.outputs, dkey, _tensors_key(ph.consts)))
+    uploads = tuple((type(u).__name__, getattr(u, "model", None), getattr(u, "key", None),
+                     tuple(getattr(u, "payload", {}))) for u in program.upload)
+    return models, tuple(phases), uploads, program.keep
 
 
 def _model_issue(model: nn.Module) -> str | None:
@@ -178,8 +160,50 @@ def _activation_values(model: nn.Module, x: Tensor) -> int:
     return total
 
 
+class _Method(nn.Module):
+    """``model.<method>`` as a forward, so ``functional_call`` can run it (``head``)."""
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return getattr(self.model, self.method)(*args)  # type: ignore[no-any-return]
+
+
+def _loss_on(models: Mapping[str, nn.Module], ph: Phase, data: Data, rows: Tensor) -> Tensor:
+    """The phase's loss on ``rows`` of ``data``, computed by the real modules."""
+
+    def call(model: str, method: str, *args: Tensor) -> Tensor:
+        return getattr(models[model], method)(*args)  # type: ignore[no-any-return]
+
+    x = data.x[rows]
+    values = {name: model_outputs(models[name], x, ph.outputs) for name in ph.forward}
+    batch = Batch(x, None if data.y is None else data.y[rows], rows, {k: v[rows] for k, v in data.targets.items()})
+    params = {name: dict(models[name].named_parameters()) for name in ph.forward}
+    return ph.loss(Outputs(values, params, call), batch, ph.consts).reshape(())
+
+
+def _reference(task: Task, client: Client, program: Program) -> Result:
+    try:
+        return run_program(task, client, program)
+    except Exception as e:  # a crashed client must not end the run
+        return ClientFailure(client.id, f"{type(e).__name__}: {e}", traceback.format_exc())
+
+
+def _stack(values: Sequence[Any], dev: torch.device) -> Any:
+    """Per-client tensors (or state dicts) stacked on a leading client axis."""
+    if isinstance(values[0], Tensor):
+        return torch.stack([v.to(dev) for v in values])
+    return {k: torch.stack([v[k].to(dev) for v in values]) for k in values[0]}
+
+
+def _rows(state: dict[str, dict[str, Tensor]], index: Tensor) -> dict[str, dict[str, Tensor]]:
+    return {m: {n: v[index] for n, v in d.items()} for m, d in state.items()}
+
+
 class Vectorized:
-    """Trains the clients of a round that share an architecture as one batched model.
+    """Trains the clients of a round that share a program structure as one batched program.
 
     Args:
         max_memory_mb: budget for one chunk of stacked clients (parameters, optimizer
@@ -199,285 +223,331 @@ class Vectorized:
         self._broken: dict[str, str] = {}  # arch -> why batching it failed (skip it next time)
         self._decomposable_by_key: dict[Any, bool] = {}  # group key -> padding check result
         self.batched = 0  # clients of the last run() that were trained batched (the rest sequentially)
+        self.reasons: dict[int, str] = {}  # client id -> why it ran sequentially in the last run()
 
     # -- public ---------------------------------------------------------------------------
     def run(self, algorithm: Algorithm, task: Task, jobs: Sequence[Job]) -> list[Result]:
         results: list[Result | None] = [None] * len(jobs)
-        self.batched = 0
-        if not isinstance(algorithm, LocalTraining):
-            log.debug("vectorized: %s has no prepare/finish; running its clients sequentially",
-                      type(algorithm).__name__)
-            return [run_one(algorithm, task, c, d) for c, d in jobs]
+        self.batched, self.reasons = 0, {}
         groups: dict[Any, list[_Item]] = {}
         for pos, (client, downlink) in enumerate(jobs):
             try:
-                job = algorithm.prepare(task, downlink, client)
-            except Exception:
-                results[pos] = run_one(algorithm, task, client, downlink)  # fails the same way
+                program = algorithm.client_program(task, downlink, client)
+            except Exception as e:
+                results[pos] = ClientFailure(client.id, f"{type(e).__name__}: {e}", traceback.format_exc())
                 continue
-            why = self._job_issue(job)
-            if why:
-                log.debug("vectorized: client %d runs sequentially: %s", client.id, why)
-                results[pos] = run_one(algorithm, task, client, downlink)
+            try:
+                key = structure(program)
+                broken = [m.arch for m in program.models.values() if m.arch in self._broken]
+                if broken:
+                    raise _Unbatchable(f"architecture {broken[0]!r} could not be batched earlier: "
+                                       f"{self._broken[broken[0]]}")
+            except _Unbatchable as why:
+                self._sequential_one(task, results, pos, client, program, str(why))
                 continue
-            leaves: list[Tensor] = []
-            loss_key, _ = _lift(job.loss, leaves)
-            wkey = tuple((k, tuple(v.shape), v.dtype) for k, v in job.weights.items())
-            key = (job.arch, job.local, loss_key, wkey)
-            groups.setdefault(key, []).append(_Item(pos, client, downlink, job, leaves))
+            groups.setdefault(key, []).append(_Item(pos, client, program))
         for key, items in groups.items():
-            for pos, res in self._run_group(algorithm, task, items, key).items():
+            for pos, res in self._run_group(task, items, key).items():
                 results[pos] = res
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    # -- grouping -------------------------------------------------------------------------
-    def _job_issue(self, job: LocalJob) -> str | None:
-        if job.local.optimizer != "sgd":
-            return f"optimizer {job.local.optimizer!r} is not batched (only SGD)"
-        if job.arch in self._broken:
-            return f"architecture {job.arch!r} could not be batched earlier: {self._broken[job.arch]}"
-        return None
+    def _sequential_one(self, task: Task, results: list[Result | None], pos: int, client: Client,
+                        program: Program, why: str) -> None:
+        log.debug("vectorized: client %d runs sequentially: %s", client.id, why)
+        self.reasons[client.id] = why
+        results[pos] = _reference(task, client, program)
 
-    def _sequential(self, algorithm: Algorithm, task: Task, items: Sequence[_Item]) -> dict[int, Result]:
-        return {it.pos: run_one(algorithm, task, it.client, it.downlink) for it in items}
-
-    def _run_group(self, algorithm: Algorithm, task: Task, items: list[_Item], key: Any = None) -> dict[int, Result]:
-        if len(items) < self.min_group:
-            return self._sequential(algorithm, task, items)
-        lead = items[0].job
-        template = task.new_model(lead.arch)
-        why = _model_issue(template)
-        if why:
-            log.debug("vectorized: %s runs sequentially: %s", lead.arch, why)
-            self._broken[lead.arch] = why
-            return self._sequential(algorithm, task, items)
+    def _sequential(self, task: Task, items: Sequence[_Item], why: str) -> dict[int, Result]:
         for it in items:
-            it.batches = list(batch_indices(len(it.client.data), it.job.local, it.client.generator()))
-        # bucket by data size when padding is not allowed (BatchNorm, non-decomposable losses)
-        ragged = len({len(b) for it in items for b in it.batches}) > 1
-        bucket = _has_batchnorm(template)
-        if ragged and not bucket and key is not None and key not in self._decomposable_by_key:
-            if len(self._decomposable_by_key) > 256:  # keys of opaque loss parts hold object ids
-                self._decomposable_by_key.clear()
-            self._decomposable_by_key[key] = self._decomposable(template, items[0])  # once per form of job
-        if ragged and not bucket and not self._decomposable_by_key.get(key, False):
-            log.debug("vectorized: the loss of %s is not a batch mean of per-sample terms; bucketing", lead.arch)
-            bucket = True
-        if bucket:
-            subgroups: dict[int, list[_Item]] = {}
-            for it in items:
-                subgroups.setdefault(len(it.client.data), []).append(it)
-            out: dict[int, Result] = {}
-            for sub in subgroups.values():
-                if len(sub) < self.min_group:
-                    out.update(self._sequential(algorithm, task, sub))
-                else:
-                    out.update(self._train_group(algorithm, task, sub, template))
-            return out
-        return self._train_group(algorithm, task, items, template)
+            self.reasons[it.client.id] = why
+        return {it.pos: _reference(task, it.client, it.program) for it in items}
 
-    def _decomposable(self, model: nn.Module, it: _Item) -> bool:
-        """Whether the loss of a padded batch can be computed per sample (checked once)."""
-        idx = next((b for b in it.batches if len(b) > 1), None)
-        if idx is None:
-            return True
-        model = copy.deepcopy(model)
-        model.load_state_dict(it.job.weights)
-        params = dict(model.named_parameters())
-        data = it.client.data
-        dev = next(model.parameters()).device
-        with torch.no_grad():
-            x, y = data.x[idx].to(dev), data.y[idx].to(dev)
-            logits = model(x)
-            full = it.job.loss(logits, Batch(x, y, idx), params)
-            per = [it.job.loss(logits[i : i + 1], Batch(x[i : i + 1], y[i : i + 1], idx[i : i + 1]), params)
-                   for i in range(len(idx))]
-            mean = torch.stack([p.reshape(()) for p in per]).mean()
-        return bool(torch.isclose(full.reshape(()).float(), mean.float(), rtol=1e-5, atol=1e-6))
+    # -- grouping -------------------------------------------------------------------------
+    def _run_group(self, task: Task, items: list[_Item], key: Any) -> dict[int, Result]:
+        if len(items) < self.min_group:
+            return self._sequential(task, items, f"a group of {len(items)} (min_group={self.min_group})")
+        lead = items[0].program
+        templates = {name: task.new_model(m.arch) for name, m in lead.models.items()}
+        for name, template in templates.items():
+            why = _model_issue(template)
+            if why:
+                self._broken[lead.models[name].arch] = why
+                return self._sequential(task, items, why)
+        for it in items:
+            it.datas = [phase_data(ph, it.client) for ph in it.program.phases]
+            it.batches = [list(batch_indices(len(d), ph.local, it.client.generator(i)))
+                          for i, (ph, d) in enumerate(zip(it.program.phases, it.datas, strict=True))]
+        # bucket by data sizes when padding is not allowed (BatchNorm, non-decomposable losses)
+        ragged = any(len({len(b) for it in items for b in it.batches[p]}) > 1 for p in range(len(lead.phases)))
+        bucket = any(_has_batchnorm(t) for t in templates.values())
+        if ragged and not bucket and key not in self._decomposable_by_key:
+            if len(self._decomposable_by_key) > 256:
+                self._decomposable_by_key.clear()
+            self._decomposable_by_key[key] = self._decomposable(templates, items[0])  # once per structure
+        if ragged and not bucket and not self._decomposable_by_key.get(key, False):
+            log.debug("vectorized: a loss of %s is not a batch mean of per-sample terms; bucketing", key[0])
+            bucket = True
+        if not bucket:
+            return self._train_group(task, items, templates)
+        subgroups: dict[tuple[int, ...], list[_Item]] = {}
+        for it in items:
+            subgroups.setdefault(tuple(len(d) for d in it.datas), []).append(it)
+        out: dict[int, Result] = {}
+        for sub in subgroups.values():
+            if len(sub) < self.min_group:
+                out.update(self._sequential(task, sub, "no other client with the same data sizes (BatchNorm or "
+                                                       "a loss that is not a per-sample mean)"))
+            else:
+                out.update(self._train_group(task, sub, templates))
+        return out
+
+    def _decomposable(self, templates: Mapping[str, nn.Module], it: _Item) -> bool:
+        """Whether every phase's loss of a padded batch can be computed per sample."""
+        models = {name: copy.deepcopy(t) for name, t in templates.items()}
+        for name, m in it.program.models.items():
+            models[name].load_state_dict(m.weights)
+        for p, ph in enumerate(it.program.phases):
+            idx = next((b for b in it.batches[p] if len(b) > 1), None)
+            if idx is None:
+                continue
+            with torch.no_grad():
+                for name in ph.train:
+                    models[name].train()
+                for name in ph.frozen:
+                    models[name].eval()
+                full = _loss_on(models, ph, it.datas[p], idx)
+                mean = torch.stack([_loss_on(models, ph, it.datas[p], idx[i : i + 1]) for i in range(len(idx))]).mean()
+            if not bool(torch.isclose(full.float(), mean.float(), rtol=1e-5, atol=1e-6)):
+                return False
+        return True
 
     # -- batched training -----------------------------------------------------------------
-    def _chunk_size(self, template: nn.Module, items: Sequence[_Item]) -> int:
-        n_params = sum(p.numel() for p in template.parameters()) + sum(b.numel() for b in template.buffers())
-        data = items[0].client.data
-        bs = max(len(b) for it in items for b in it.batches[:1]) if items[0].batches else 1
-        act = _activation_values(template, data.x[:1].to(next(template.parameters()).device)) if len(data) else 0
+    def _chunk_size(self, templates: Mapping[str, nn.Module], items: Sequence[_Item]) -> int:
+        n_params = sum(p.numel() for t in templates.values() for p in [*t.parameters(), *t.buffers()])
+        data = items[0].datas[0] if items[0].datas else None
+        bs = max((len(b) for it in items for b in it.batches[0][:1]), default=1) if items[0].batches else 1
+        act = 0
+        if data is not None and len(data):
+            x1 = data.x[:1].to(next(iter(templates.values())).parameters().__next__().device)
+            act = sum(_activation_values(t, x1) for t in templates.values()) + data.x[0].numel()
         # p, grad, momentum, update temporaries; forward + backward activations (x3 for vmap copies)
-        per_client = 4 * (5 * n_params + 3 * bs * (act + data.x[0].numel() if len(data) else act))
+        per_client = 4 * (5 * n_params + 3 * bs * act)
         return max(1, min(self.max_chunk, int(self.max_memory_mb * 2**20 // max(per_client, 1))))
 
-    def _train_group(self, algorithm: Algorithm, task: Task, items: list[_Item],
-                     template: nn.Module) -> dict[int, Result]:
-        items = sorted(items, key=lambda it: -len(it.batches))  # still-training clients form a prefix
-        chunk = self._chunk_size(template, items)
+    def _train_group(self, task: Task, items: list[_Item], templates: Mapping[str, nn.Module]) -> dict[int, Result]:
+        items = sorted(items, key=lambda it: -len(it.batches[0]) if it.batches else 0)  # phase 0: a prefix
+        chunk = self._chunk_size(templates, items)
         out: dict[int, Result] = {}
         for s in range(0, len(items), chunk):
             part = items[s : s + chunk]
             try:
-                states, losses = self._train_chunk(task, part, template)
+                state, totals, finite = self._train_chunk(task, part, templates)
             except Exception as e:  # e.g. an op without a batching rule: rerun one by one
-                log.debug("vectorized: batched training of %s failed (%s: %s); rerunning %d clients sequentially",
-                          part[0].job.arch, type(e).__name__, e, len(part))
+                why = f"batched training failed ({type(e).__name__}: {e})"
+                log.debug("vectorized: %s; rerunning %d clients sequentially", why, len(part))
                 if s == 0:
-                    self._broken[part[0].job.arch] = f"{type(e).__name__}: {e}"
-                out.update(self._sequential(algorithm, task, part))
+                    for m in part[0].program.models.values():
+                        self._broken[m.arch] = why
+                out.update(self._sequential(task, part, why))
                 continue
             self.batched += len(part)
-            out.update(self._finish(algorithm, task, part, template, states, losses))
+            out.update(self._finish(task, part, templates, state, totals, finite))
         return out
 
-    def _train_chunk(self, task: Task, items: list[_Item],
-                     template: nn.Module) -> tuple[dict[str, Tensor], list[list[Tensor]]]:
-        """Train the clients of ``items`` (sorted by steps, descending) together.
+    def _train_chunk(self, task: Task, items: list[_Item], templates: Mapping[str, nn.Module]
+                     ) -> tuple[dict[str, dict[str, Tensor]], Tensor, Tensor]:
+        """Train the clients of ``items`` together through every phase.
 
-        Returns the stacked final state (parameters and buffers, (k, *shape)) and, per
-        step, the losses of the clients active at that step ((m_t,) tensors).
+        Returns the stacked final state (model -> name -> (k, *shape)), the loss totals
+        (k, phases) and whether each client's losses stayed finite (k,).
         """
-        dev = task.device
-        k = len(items)
-        cfg = items[0].job.local
-        lead = items[0].job
-        trainable = [n for n, p in template.named_parameters() if p.requires_grad]
-        state: dict[str, Tensor] = {}
-        for name in lead.weights:
-            ws = [it.job.weights[name] for it in items]
-            if all(w is ws[0] for w in ws):  # the shared global model: one copy, broadcast
-                state[name] = ws[0].to(dev).unsqueeze(0).expand(k, *ws[0].shape).clone()
+        dev, k = task.device, len(items)
+        lead = items[0].program
+        state: dict[str, dict[str, Tensor]] = {}
+        for name, decl in lead.models.items():
+            state[name] = {}
+            for n in decl.weights:
+                ws = [it.program.models[name].weights[n] for it in items]
+                if all(w is ws[0] for w in ws):  # the shared global model: one copy, broadcast
+                    state[name][n] = ws[0].to(dev).unsqueeze(0).expand(k, *ws[0].shape).clone()
+                else:
+                    state[name][n] = torch.stack([w.to(dev) for w in ws])
+        totals = torch.zeros(k, len(lead.phases), dtype=torch.float64)
+        finite = torch.ones(k, dtype=torch.bool)
+        for p, ph in enumerate(lead.phases):
+            steps = [len(it.batches[p]) for it in items]
+            order = sorted(range(k), key=lambda i: -steps[i])  # still-training clients form a prefix
+            if order == list(range(k)):
+                phase_losses = self._train_phase(task, items, p, ph, state, templates)
             else:
-                state[name] = torch.stack([w.to(dev) for w in ws])
-        param_names = {n for n, _ in template.named_parameters()}
-        train_set = set(trainable)
-        frozen = [n for n in state if n not in train_set]  # buffers and frozen parameters
+                perm = torch.tensor(order)
+                st = _rows(state, perm.to(dev))
+                phase_losses = self._train_phase(task, [items[i] for i in order], p, ph, st, templates)
+                inv = torch.argsort(perm)
+                state = _rows(st, inv.to(dev))
+                phase_losses = [(lv, [order[i] for i in range(lv.shape[0])]) for lv, _ in phase_losses]
+            for lv, rows in phase_losses:
+                idx = torch.tensor(rows)
+                totals[idx, p] += lv.double().cpu()
+                finite[idx] &= torch.isfinite(lv).cpu()
+        return state, totals, finite
 
-        # loss leaves: shared ones stay closed over, per-client ones are stacked
-        n_leaves = len(items[0].leaves)
-        shared = [all(it.leaves[j] is items[0].leaves[j] for it in items) for j in range(n_leaves)]
-        own = [j for j in range(n_leaves) if not shared[j]]
-        stacked_leaves = [torch.stack([it.leaves[j].to(dev) for it in items]) for j in own]
-        _, build_loss = _lift(lead.loss, [])
+    def _train_phase(self, task: Task, items: list[_Item], p: int, ph: Phase, state: dict[str, dict[str, Tensor]],
+                     templates: Mapping[str, nn.Module]) -> list[tuple[Tensor, list[int]]]:
+        """One phase for clients sorted by their step count; updates ``state`` in place.
+        Returns per step the losses of the clients active then ((m_t,), their rows)."""
+        dev, cfg = task.device, ph.local
+        param_names = {m: {n for n, _ in templates[m].named_parameters()} for m in ph.forward}
+        trainable = {m: [n for n, prm in templates[m].named_parameters() if prm.requires_grad] for m in ph.train}
+        frozen = {m: [n for n in state[m] if n not in trainable.get(m, ())] for m in ph.forward}
+        for m in ph.train:
+            templates[m].train()
+        for m in ph.frozen:
+            templates[m].eval()
+
+        # constants: shared ones (the same object for every client) stay closed over
+        consts = [it.program.phases[p].consts for it in items]
+        shared = {c: v for c, v in consts[0].items() if all(cs[c] is v for cs in consts)}
+        own = [c for c in consts[0] if c not in shared]
+        stacked_consts = {c: _stack([cs[c] for cs in consts], dev) for c in own}
+        shared = {c: (v.to(dev) if isinstance(v, Tensor) else {n: t.to(dev) for n, t in v.items()})
+                  for c, v in shared.items()}
 
         # the data of the chunk, concatenated; batches index into it
-        sizes = [len(it.client.data) for it in items]
+        datas = [it.datas[p] for it in items]
         offsets = [0]
-        for size in sizes[:-1]:
-            offsets.append(offsets[-1] + size)
-        xs = torch.cat([it.client.data.x for it in items]).to(dev)
-        ys = torch.cat([it.client.data.y for it in items]).to(dev)
+        for d in datas[:-1]:
+            offsets.append(offsets[-1] + len(d))
+        xs = torch.cat([d.x for d in datas]).to(dev)
+        labelled = datas[0].y is not None
+        ys = torch.cat([d.y for d in datas if d.y is not None]).to(dev) if labelled else torch.zeros(len(xs), dtype=torch.long,
+                                                                                     device=dev)
+        tgs = {t: torch.cat([d.targets[t] for d in datas]).to(dev) for t in datas[0].targets}
+        kwargs = {"features": "features" in ph.outputs, "activations": "activations" in ph.outputs}
 
-        def client_loss(p: dict[str, Tensor], fz: dict[str, Tensor], x: Tensor, y: Tensor, idx: Tensor,
-                        mask: Tensor | None, lv: list[Tensor]) -> Tensor:
-            leaves: list[Tensor] = list(items[0].leaves)
-            for j, v in zip(own, lv, strict=True):
-                leaves[j] = v
-            loss_fn = build_loss(leaves)
-            params = {**p, **{n: fz[n] for n in fz if n in param_names}}
-            buffers = {n: fz[n] for n in fz if n not in param_names}
-            logits = functional_call(template, (params, buffers), (x,))
+        def client_loss(pr: dict[str, dict[str, Tensor]], fz: dict[str, dict[str, Tensor]], x: Tensor, y: Tensor,
+                        idx: Tensor, tg: dict[str, Tensor], mask: Tensor | None, cs: dict[str, Any]) -> Tensor:
+            values: dict[str, Any] = {}
+            params: dict[str, dict[str, Tensor]] = {}
+            buffers: dict[str, dict[str, Tensor]] = {}
+            for m in ph.forward:
+                params[m] = {**pr.get(m, {}), **{n: fz[m][n] for n in fz[m] if n in param_names[m]}}
+                buffers[m] = {n: fz[m][n] for n in fz[m] if n not in param_names[m]}
+                out = functional_call(templates[m], (params[m], buffers[m]), (x,), kwargs if ph.outputs else None)
+                values[m] = out if ph.outputs else {"logits": out}
+
+            def call(model: str, method: str, *args: Tensor) -> Tensor:
+                wrapped = {f"model.{n}": v for n, v in {**params[model], **buffers[model]}.items()}
+                return functional_call(_Method(templates[model], method), wrapped, args)  # type: ignore[no-any-return]
+
+            constants = {**shared, **cs}
             if mask is None:
-                return loss_fn(logits, Batch(x, y, idx), params)
+                return ph.loss(Outputs(values, params, call), Batch(x, y if labelled else None, idx, tg), constants)
 
-            def one(li: Tensor, xi: Tensor, yi: Tensor, ii: Tensor) -> Tensor:
-                return loss_fn(li[None], Batch(xi[None], yi[None], ii[None]), params).reshape(())
+            def one(vi: dict[str, Any], xi: Tensor, yi: Tensor, ii: Tensor, ti: dict[str, Tensor]) -> Tensor:
+                batched = torch.utils._pytree.tree_map(lambda t: t[None], vi)
+                b = Batch(xi[None], yi[None] if labelled else None, ii[None], {n: t[None] for n, t in ti.items()})
+                return ph.loss(Outputs(batched, params, call), b, constants).reshape(())
 
-            per = vmap(one)(logits, x, y, idx)  # (B,)
-            m = mask.to(per.dtype)
-            return (per * m).sum() / m.sum()
+            per = vmap(one)(values, x, y, idx, tg)  # (B,)
+            w = mask.to(per.dtype)
+            return (per * w).sum() / w.sum()
 
-        g_fn = vmap(grad_and_value(client_loss), in_dims=(0, 0, 0, 0, 0, 0, 0))
-        g_fn_full = vmap(grad_and_value(client_loss), in_dims=(0, 0, 0, 0, 0, None, 0))
-        momentum: dict[str, Tensor] = {}
-        losses: list[list[Tensor]] = []
-        steps = [len(it.batches) for it in items]
+        g_fn = vmap(grad_and_value(client_loss), in_dims=(0, 0, 0, 0, 0, 0, 0, 0))
+        g_fn_full = vmap(grad_and_value(client_loss), in_dims=(0, 0, 0, 0, 0, 0, None, 0))
+        momentum: dict[str, dict[str, Tensor]] = {}
+        losses: list[tuple[Tensor, list[int]]] = []
+        steps = [len(it.batches[p]) for it in items]
         lr, mom, wd = cfg.lr, cfg.momentum, cfg.weight_decay
-        template.train()
         for t in range(steps[0] if steps else 0):
-            m = sum(1 for s in steps if s > t)
-            bidx = [items[i].batches[t] for i in range(m)]
+            active = sum(1 for s in steps if s > t)
+            bidx = [items[i].batches[p][t] for i in range(active)]
             bmax = max(len(b) for b in bidx)
             ragged = any(len(b) != bmax for b in bidx)
-            local = torch.zeros(m, bmax, dtype=torch.long)
-            mask = torch.zeros(m, bmax, dtype=torch.bool) if ragged else None
+            local = torch.zeros(active, bmax, dtype=torch.long)
+            mask = torch.zeros(active, bmax, dtype=torch.bool) if ragged else None
             for i, b in enumerate(bidx):
                 local[i, : len(b)] = b
                 if mask is not None:
                     mask[i, : len(b)] = True
-            glob = (local + torch.tensor(offsets[:m]).unsqueeze(1)).to(dev)
-            x, y = xs[glob], ys[glob]
+            glob = (local + torch.tensor(offsets[:active]).unsqueeze(1)).to(dev)
+            x, y, tg = xs[glob], ys[glob], {n: v[glob] for n, v in tgs.items()}
             local = local.to(dev)
-            p = {n: state[n][:m] for n in trainable}
-            fz = {n: state[n][:m] for n in frozen}
-            lv = [v[:m] for v in stacked_leaves]
+            pr = {mdl: {n: state[mdl][n][:active] for n in names} for mdl, names in trainable.items()}
+            fz = {mdl: {n: state[mdl][n][:active] for n in names} for mdl, names in frozen.items()}
+            cs = {c: (v[:active] if isinstance(v, Tensor) else {n: u[:active] for n, u in v.items()})
+                  for c, v in stacked_consts.items()}
             if mask is None:
-                grads, loss = g_fn_full(p, fz, x, y, local, None, lv)
+                grads, loss = g_fn_full(pr, fz, x, y, local, tg, None, cs)
             else:
-                grads, loss = g_fn(p, fz, x, y, local, mask.to(dev), lv)
-            losses.append([loss.detach()])
+                grads, loss = g_fn(pr, fz, x, y, local, tg, mask.to(dev), cs)
+            losses.append((loss.detach(), list(range(active))))
             with torch.no_grad():  # torch.optim.SGD (single-tensor path), on the stacked tensors
-                for n in trainable:
-                    d_p = grads[n]
-                    if wd != 0:
-                        d_p = d_p.add(p[n], alpha=wd)
-                    if mom != 0:
-                        if t == 0:
-                            momentum[n] = torch.clone(d_p).detach()
-                            d_p = momentum[n]
-                        else:
-                            buf = momentum[n][:m]
-                            buf.mul_(mom).add_(d_p)
-                            d_p = buf
-                    p[n].add_(d_p, alpha=-lr)
-        return state, losses
+                for mdl, names in trainable.items():
+                    for n in names:
+                        d_p = grads[mdl][n]
+                        if wd != 0:
+                            d_p = d_p.add(pr[mdl][n], alpha=wd)
+                        if mom != 0:
+                            if t == 0:
+                                momentum.setdefault(mdl, {})[n] = torch.clone(d_p).detach()
+                                d_p = momentum[mdl][n]
+                            else:
+                                buf = momentum[mdl][n][:active]
+                                buf.mul_(mom).add_(d_p)
+                                d_p = buf
+                        pr[mdl][n].add_(d_p, alpha=-lr)
+        return losses
 
-    def _finish(self, algorithm: Algorithm, task: Task, items: list[_Item], template: nn.Module,
-                state: dict[str, Tensor], losses: list[list[Tensor]]) -> dict[int, Result]:
-        k = len(items)
-        per_step = [step[0] for step in losses]
-        totals = torch.zeros(k, dtype=torch.float64)
-        finite = torch.ones(k, dtype=torch.bool)
-        for lv in per_step:
-            m = lv.shape[0]
-            totals[:m] += lv.double().cpu()
-            finite[:m] &= torch.isfinite(lv).cpu()
-        totals_l, finite_l = totals.tolist(), finite.tolist()
+    def _finish(self, task: Task, items: list[_Item], templates: Mapping[str, nn.Module],
+                state: dict[str, dict[str, Tensor]], totals: Tensor, finite: Tensor) -> dict[int, Result]:
+        """The clients' updates from the stacked trained state (diverged clients rerun)."""
+        lead = items[0].program
         out: dict[int, Result] = {}
-        stats = [{"train_loss": totals_l[i] / max(len(it.batches), 1), "steps": float(len(it.batches))}
-                 for i, it in enumerate(items)]
-        stacked = _stacked_finish(algorithm)
-        if stacked is not None:
-            ok = [i for i in range(k) if finite_l[i]]
-            rows = state if len(ok) == k else {n: v[ok] for n, v in state.items()}
-            try:
-                updates = stacked(task, [(items[i].client, items[i].downlink) for i in ok], rows,
-                                  [stats[i] for i in ok])
-            except Exception as e:  # fall back to one finish per client, which fails (or not) on its own
-                log.debug("vectorized: %s.finish_stacked failed (%s: %s); finishing client by client",
-                          type(algorithm).__name__, type(e).__name__, e)
+        ok = [i for i in range(len(items)) if bool(finite[i])]
+        for i in range(len(items)):
+            if not bool(finite[i]):  # diverged: the reference run raises the same error at the same step
+                out[items[i].pos] = _reference(task, items[i].client, items[i].program)
+        if not ok:
+            return out
+        index = torch.tensor(ok)
+        rows = state if len(ok) == len(items) else _rows(state, index.to(task.device))
+        parts: list[list[Payload]] = [[{} for _ in lead.upload] for _ in ok]
+        per_client = []
+        for j, up in enumerate(lead.upload):
+            if isinstance(up, Delta):
+                deltas = Delta.make_stacked([items[i].program.upload[j] for i in ok], rows[up.model])  # type: ignore[misc]
+                for r, d in enumerate(deltas):
+                    parts[r][j] = d
             else:
-                out.update({items[i].pos: u for i, u in zip(ok, updates, strict=True)})
-                for i in range(k):
-                    if not finite_l[i]:  # diverged: the sequential run raises the same error at the same step
-                        out[items[i].pos] = run_one(algorithm, task, items[i].client, items[i].downlink)
-                return out
-        model = copy.deepcopy(template)
-        model.train()
-        targets = model.state_dict(keep_vars=True)
-        for i, it in enumerate(items):
-            if not finite_l[i]:  # diverged: the sequential run raises the same error at the same step
-                out[it.pos] = run_one(algorithm, task, it.client, it.downlink)
+                per_client.append(j)
+        if per_client:
+            models = {name: copy.deepcopy(t) for name, t in templates.items()}
+            targets = {name: m.state_dict(keep_vars=True) for name, m in models.items()}
+            for r, i in enumerate(ok):
+                with torch.no_grad():
+                    for name, values in rows.items():
+                        for n, v in values.items():
+                            targets[name][n].copy_(v[r])
+                for m in models.values():
+                    m.train()  # as after local_train (an upload may switch to eval)
+                try:
+                    for j in per_client:
+                        parts[r][j] = items[i].program.upload[j].make(models)
+                except Exception as e:
+                    out[items[i].pos] = ClientFailure(items[i].client.id, f"{type(e).__name__}: {e}",
+                                                      traceback.format_exc())
+        for r, i in enumerate(ok):
+            it = items[i]
+            if it.pos in out:
                 continue
-            with torch.no_grad():
-                for name, value in state.items():
-                    targets[name].copy_(value[i])
-            if not model.training:  # as after local_train (a finish may have switched to eval)
-                model.train()
-            before = sys.getrefcount(model)
-            try:
-                out[it.pos] = algorithm.finish(  # type: ignore[attr-defined]  # LocalTraining, checked in prepare
-                    task, it.downlink, it.client, model, stats[i])
-            except Exception:
-                out[it.pos] = run_one(algorithm, task, it.client, it.downlink)
-            if sys.getrefcount(model) != before:  # finish kept the model: give the next client its own
-                model = copy.deepcopy(template)
-                model.train()
-                targets = model.state_dict(keep_vars=True)
+            payload: Payload = {}
+            for part in parts[r]:
+                payload.update(part)
+            per_phase = [{f"{ph.name}_loss": float(totals[i, p]) / max(len(it.batches[p]), 1),
+                          "steps": float(len(it.batches[p]))} for p, ph in enumerate(it.program.phases)]
+            kept = (ClientState({m: {n: v[r].clone() for n, v in rows[m].items()} for m in it.program.keep})
+                    if it.program.keep else None)
+            out[it.pos] = ClientUpdate(it.client.id, len(it.client.data), payload, client_metrics(per_phase), kept)
         return out

@@ -1,0 +1,140 @@
+"""Server-side distillation: the nested settings table and the one ``distill`` loop.
+
+Every algorithm that distils on the server nests :class:`DistillSettings` as its
+``distill`` field (``[algorithm.distill]`` in a config) with its own defaults. Used by
+FedDF (teachers are the received client models) and FedEMA-Distill (the teacher is the
+robust aggregate of uploaded logits). Targets are always probabilities q (n, C);
+the student minimises T²·KL(q ‖ softmax(f(x)/T)) (or without T², as FedDF's code).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kdfl.losses import kd_kl
+from kdfl.train import evaluate, predict
+from kdfl.types import KdflError, TensorData
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """Settings of the server's distillation loop.
+
+    Args:
+        steps: optimizer steps (0 = no distillation).
+        batch_size: proxy samples per step.
+        lr: learning rate.
+        optimizer: "adam" (FedDF) or "sgd".
+        cosine: cosine-anneal the learning rate over ``steps`` (FedDF).
+        temperature: T.
+        t2: scale the KL by T² (Hinton); FedDF's released code does not.
+        grad_clip: max gradient norm (FedDF: 5); 0 = off.
+        eval_every: validation period in steps for early stopping.
+        patience: stop after this many steps without a better validation accuracy and
+            keep the best checkpoint (FedDF: 1000); 0 = no early stopping.
+    """
+
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    cosine: bool = True
+    temperature: float = 1.0
+    t2: bool = True
+    grad_clip: float = 5.0
+    eval_every: int = 100
+    patience: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0:
+            raise KdflError("[algorithm.distill]: steps >= 0, batch_size >= 1, lr > 0 and temperature > 0 are "
+                            f"required (got steps={self.steps}, batch_size={self.batch_size}, lr={self.lr}, "
+                            f"temperature={self.temperature})")
+        if self.optimizer not in ("adam", "sgd"):
+            raise KdflError(f"algorithm.distill.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.grad_clip < 0 or self.eval_every < 1 or self.patience < 0:
+            raise KdflError("[algorithm.distill]: grad_clip >= 0, eval_every >= 1 and patience >= 0 are required")
+
+
+def teacher_logits(models: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """Each teacher's logits on ``x``: (models, N, C) (callers pick how to combine them)."""
+    return torch.stack([predict(m, x) for m in models])
+
+
+def distill(
+    student: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    settings: DistillSettings,
+    generator: torch.Generator,
+    val: TensorData | None = None,
+    extra_teacher: tuple[nn.Module, float] | None = None,
+) -> dict[str, float]:
+    """Train ``student`` in place towards ``targets`` on ``inputs``.
+
+    Args:
+        student: the model to train (train mode: BatchNorm statistics follow the proxy).
+        inputs: (N, *input_shape) unlabeled distillation data.
+        targets: (N, C) teacher probabilities (already softened by T).
+        settings: loop settings.
+        generator: batch-order randomness.
+        val: labeled data for early stopping (used when ``settings.patience`` > 0).
+        extra_teacher: optional (model, weight λ): adds λ·T²·KL(softmax(m(x)/T) ‖ ·),
+            e.g. FedEMA-Distill's EMA model as a second teacher.
+
+    Returns:
+        ``{"distill_loss": mean loss, "distill_steps": steps run}``.
+    """
+    s = settings
+    if s.steps == 0 or len(inputs) == 0:
+        return {"distill_loss": math.nan, "distill_steps": 0.0}
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer = (
+        torch.optim.Adam(params, lr=s.lr) if s.optimizer == "adam" else torch.optim.SGD(params, lr=s.lr, momentum=0.9)
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps) if s.cosine else None
+    device = next(student.parameters()).device
+    early = val is not None and s.patience > 0
+    best_acc, best_step, best_state = -1.0, 0, None
+    total, done = 0.0, 0
+    perm, pos = torch.randperm(len(inputs), generator=generator), 0
+    for step in range(1, s.steps + 1):
+        if pos >= len(inputs):
+            perm, pos = torch.randperm(len(inputs), generator=generator), 0
+        idx = perm[pos : pos + s.batch_size]
+        pos += s.batch_size
+        x, q = inputs[idx].to(device), targets[idx].to(device)
+        student.train()
+        out = student(x)  # one forward: BatchNorm statistics move once per step
+        loss = kd_kl(out, q, s.temperature, s.t2)
+        if extra_teacher is not None and extra_teacher[1] > 0:
+            teacher, lam = extra_teacher
+            teacher.eval()
+            with torch.no_grad():
+                qe = torch.softmax(teacher(x) / s.temperature, dim=-1)
+            loss = loss + lam * kd_kl(out, qe, s.temperature, s.t2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total += float(loss.detach())
+        done = step
+        if early and (step % s.eval_every == 0 or step == s.steps):
+            assert val is not None
+            acc = evaluate(student, val)["accuracy"]
+            if acc > best_acc:
+                best_acc, best_step, best_state = acc, step, copy.deepcopy(student.state_dict())
+            elif step - best_step >= s.patience:
+                break
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    return {"distill_loss": total / max(done, 1), "distill_steps": float(done)}

@@ -1,0 +1,226 @@
+"""The one round driver, shared by the simulator engine and the Flower ServerApp.
+
+Per round: sample clients, drop some, build each downlink (``algorithm.configure`` from
+what the server knows of the client: :class:`~kdfl.types.ClientInfo`), hand the
+downlinks to a :class:`Transport`, check what comes back (finite values and the
+algorithm's ``validate``; malformed uploads are rejected with a reason), fold the
+accepted updates into the server state, evaluate and record. It never branches on the
+algorithm, and only the transport differs between runtimes: the simulator's
+(:class:`kdfl.simulation.engine.LocalTransport`: executors, threat model and codecs in
+process, bytes measured on :mod:`kdfl.wire` encodings) and Flower's
+(:mod:`kdfl.flower.server_app`: messages to SuperNodes, bytes measured on the records).
+Client state lives on the client side of the transport in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from kdfl.simulation.sampling import dropouts, sample_clients
+from kdfl.train import evaluate
+from kdfl.types import (
+    Algorithm,
+    ClientInfo,
+    ClientUpdate,
+    KdflError,
+    Payload,
+    PayloadError,
+    RoundMetrics,
+    ServerState,
+    Task,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Round-loop settings (the ``[run]`` config section).
+
+    Args:
+        rounds: communication rounds.
+        clients_per_round: clients sampled per round (0 = all).
+        eval_every: evaluate the global model every k rounds (and after the last).
+        target_accuracy: accuracy for ``rounds_to_target`` (None: not reported).
+        dropout: probability that a sampled client drops out before training.
+        checkpoint_every: write a checkpoint every k rounds (0 = never).
+    """
+
+    rounds: int = 10
+    clients_per_round: int = 0
+    eval_every: int = 1
+    target_accuracy: float | None = None
+    dropout: float = 0.0
+    checkpoint_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.eval_every < 1 or self.clients_per_round < 0 or self.checkpoint_every < 0:
+            raise KdflError("run: rounds and eval_every must be >= 1, clients_per_round and checkpoint_every >= 0")
+        if not 0 <= self.dropout < 1:
+            raise KdflError(f"run.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the transport got back from one client.
+
+    ``payload`` is the upload as the server decoded it. ``error`` marks a failed client
+    (it raised, could not encode its upload, never answered); ``reject`` an upload that
+    arrived but could not be decoded (the reason).
+    """
+
+    client_id: int
+    num_examples: int = 0
+    payload: Payload | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    up_bytes: int = 0
+    error: str | None = None
+    reject: str | None = None
+
+
+@dataclass
+class Exchange:
+    """One round's traffic: downlink bytes per client (in job order), the replies (in
+    job order) and transport-specific record fields."""
+
+    down_bytes: list[int]
+    replies: list[Reply]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """Delivers the downlinks of a round and brings back the clients' replies."""
+
+    def exchange(self, round_num: int, jobs: Sequence[tuple[ClientInfo, Payload]]) -> Exchange: ...
+
+
+@dataclass
+class RoundOutcome:
+    """Who took part in a round and what happened to them."""
+
+    sampled: list[int]
+    dropped: set[int]
+    active: list[int]
+    down_bytes: list[int]
+    up_bytes: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    accepted: list[ClientUpdate] = field(default_factory=list)
+
+
+def _finite(payload: Payload) -> None:
+    for k, v in payload.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise PayloadError(f"payload entry {k!r} holds NaN or infinite values")
+
+
+def accept_upload(algorithm: Algorithm, task: Task, state: ServerState, update: ClientUpdate) -> ClientUpdate:
+    """``update`` (its payload as the server decoded it), checked: finite values and the
+    algorithm's ``validate``. Raises PayloadError."""
+    _finite(update.payload)
+    algorithm.validate(task, state, update)
+    return update
+
+
+def evaluate_state(task: Task, state: ServerState) -> dict[str, float]:
+    """Accuracy, NLL and ECE of the server model ``state.params`` on the test set."""
+    model = task.new_model(task.server_arch)
+    model.load_state_dict(state.params)
+    return evaluate(model, task.test)
+
+
+def round_record(task: Task, state: ServerState, metrics: RoundMetrics, outcome: RoundOutcome,
+                 round_num: int, settings: RunSettings) -> dict[str, Any]:
+    """The per-round record (without ``wall_seconds``), evaluating ``state`` when due."""
+    o = outcome
+    record: dict[str, Any] = {
+        "round": round_num,
+        "clients": o.sampled,
+        "dropped": sorted(o.dropped),
+        "failed": list(o.failed),
+        "rejected": list(o.rejected),
+        "malicious": [c for c in o.active if c in task.malicious],
+        "uplink_bytes": int(sum(o.up_bytes)),
+        "downlink_bytes": int(sum(o.down_bytes)),
+        "uplink_bytes_per_client": float(np.mean(o.up_bytes)) if o.up_bytes else 0.0,
+        "downlink_bytes_per_client": float(np.mean(o.down_bytes)) if o.down_bytes else 0.0,
+    }
+    if not o.accepted or any("train_loss" in u.metrics for u in o.accepted):  # programs with a "train" phase
+        losses = [u.metrics.get("train_loss", math.nan) for u in o.accepted]
+        record["train_loss"] = float(np.mean(losses)) if losses else math.nan
+    for key in sorted({k for u in o.accepted for k in u.metrics} - {"train_loss", "steps"}):
+        record[key] = float(np.mean([u.metrics[key] for u in o.accepted if key in u.metrics]))
+    record.update(metrics)
+    if round_num % settings.eval_every == 0 or round_num == settings.rounds:
+        record.update(evaluate_state(task, state))
+    return record
+
+
+def run_round(algorithm: Algorithm, task: Task, state: ServerState, round_num: int, settings: RunSettings,
+              num_clients: int, transport: Transport) -> tuple[ServerState, dict[str, Any]]:
+    """One round through ``transport``; returns the new state and the round's record."""
+    t0 = time.perf_counter()
+    sampled = sample_clients(num_clients, settings.clients_per_round or num_clients, task.seed, round_num)
+    dropped = dropouts(sampled, settings.dropout, task.seed, round_num)
+    active = [c for c in sampled if c not in dropped]
+    jobs = [(info, algorithm.configure(task, state, info))
+            for info in (ClientInfo(c, task.client_archs[c], round_num) for c in active)]
+    ex = transport.exchange(round_num, jobs)
+    o = RoundOutcome(sampled, dropped, active, ex.down_bytes)
+    for r in ex.replies:  # in job order, so aggregation sums in the same order in every runtime
+        if r.error is not None:
+            log.warning("round %d: client %d failed and is excluded: %s", round_num, r.client_id, r.error)
+            o.failed.append(r.client_id)
+            continue
+        o.up_bytes.append(r.up_bytes)
+        try:
+            if r.reject is not None or r.payload is None:
+                raise PayloadError(r.reject or "no payload")
+            o.accepted.append(accept_upload(algorithm, task, state,
+                                            ClientUpdate(r.client_id, r.num_examples, r.payload, r.metrics)))
+        except PayloadError as e:
+            log.warning("round %d: payload of client %d rejected: %s", round_num, r.client_id, e)
+            o.rejected.append(r.client_id)
+    if o.accepted:
+        state, metrics = algorithm.server_update(task, state, o.accepted)
+    else:
+        log.warning("round %d: no client update accepted; the server state is unchanged", round_num)
+        state, metrics = dataclasses.replace(state, round=state.round + 1), {}
+    record = round_record(task, state, metrics, o, round_num, settings)
+    record.update(ex.record)
+    record["wall_seconds"] = time.perf_counter() - t0
+    return state, record
+
+
+def summarize(records: Sequence[dict[str, Any]], target: float | None) -> dict[str, Any]:
+    """The run summary written to ``summary.json``."""
+    from kdfl import metrics
+
+    evals = [r for r in records if "accuracy" in r]
+    accs = [r["accuracy"] for r in evals]
+    last = evals[-1] if evals else {}
+    return {
+        "rounds": len(records),
+        "final_accuracy": last.get("accuracy"),
+        "best_accuracy": max(accs) if accs else None,
+        "final_nll": last.get("nll"),
+        "final_ece": last.get("ece"),
+        "target_accuracy": target,
+        "rounds_to_target": metrics.rounds_to_target([r["round"] for r in evals], accs, target),
+        "uplink_bytes_per_client_round": float(np.mean([r["uplink_bytes_per_client"] for r in records])),
+        "downlink_bytes_per_client_round": float(np.mean([r["downlink_bytes_per_client"] for r in records])),
+        "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in records)),
+        "downlink_bytes_total": int(sum(r["downlink_bytes"] for r in records)),
+        "wall_seconds": float(sum(r["wall_seconds"] for r in records)),
+        "failed_clients": sum(len(r["failed"]) for r in records),
+        "rejected_payloads": sum(len(r["rejected"]) for r in records),
+    }
