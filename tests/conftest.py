@@ -3,6 +3,8 @@ from pathlib import Path
 
 # test helper modules (tests/core/helpers.py) import as plain modules
 sys.path.insert(0, str(Path(__file__).parent / "core"))
+# the guide's user-algorithm example (examples/mini_fedmd.py) is in the conformance suite
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
 
 import pytest  # noqa: E402

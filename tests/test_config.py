@@ -256,3 +256,69 @@ def test_quickstart_loads():
 
     cfg = config.load(Path(__file__).parents[1] / "configs" / "quickstart.toml")
     assert cfg["run"]["rounds"] == 30 and cfg["model"]["arch"] == "cnn"
+
+
+# ------------------------------------------------------------------- nested settings tables
+def test_distill_table_overrides_the_algorithms_own_defaults(tmp_path):
+    from kdfl.algorithms import build_algorithm
+    from kdfl.train import LocalSGD
+
+    p = tmp_path / "c.toml"
+    p.write_text('[algorithm]\nname = "feddf"\n\n[algorithm.distill]\nsteps = 7\n')
+    cfg = config.load(p, ["algorithm.distill.lr=0.01"])
+    assert cfg["algorithm"]["distill"] == {"steps": 7, "lr": 0.01}
+    alg = build_algorithm("feddf", LocalSGD(), {k: v for k, v in cfg["algorithm"].items() if k != "name"})
+    # the keys given replace FedDF's defaults; the others stay FedDF's (not DistillSettings')
+    assert (alg.distill.steps, alg.distill.lr, alg.distill.t2, alg.distill.cosine) == (7, 0.01, False, True)
+    ema = build_algorithm("fedema_distill", LocalSGD(), {"distill": {"steps": 3}})
+    assert (ema.distill.steps, ema.distill.temperature, ema.distill.t2) == (3, 3.0, True)
+
+
+def test_distill_table_keys_are_checked():
+    msg = error_of(["algorithm.name=feddf", "algorithm.distill.step=3"])
+    assert "'algorithm.distill.step'" in msg and "'steps'" in msg
+    assert "must be int" in error_of(["algorithm.name=feddf", "algorithm.distill.steps=2.5"])
+    assert "table" in error_of(["algorithm.name=feddf", "algorithm.distill=3"])
+    assert "temperature > 0" in error_of(["algorithm.name=feddf", "algorithm.distill.temperature=0.0"])
+
+
+def test_old_flat_distill_keys_say_where_they_moved():
+    msg = error_of(["algorithm.name=fedema_distill", "algorithm.distill_steps=100"])
+    assert "moved" in msg and "[algorithm.distill]" in msg and "steps" in msg
+    assert "algorithm.distill.temperature" in error_of(["algorithm.name=feddf", "algorithm.temperature=2.0"])
+
+
+def test_nested_tables_survive_dumps_and_reload(tmp_path):
+    cfg = config.load(None, ["algorithm.name=fedema_distill", "algorithm.distill.steps=9", "algorithm.clip=2.0"])
+    text = config.dumps(cfg)
+    assert "[algorithm.distill]\nsteps = 9" in text
+    p = tmp_path / "again.toml"
+    p.write_text(text)
+    assert config.load(p) == cfg
+
+
+def test_user_algorithm_by_module_path():
+    cfg = config.load(None, ["algorithm.name=toy_algorithms:ToyMutual", "algorithm.public_rows=8"])
+    assert cfg["algorithm"] == {"name": "toy_algorithms:ToyMutual", "public_rows": 8}
+    assert "cannot import module 'no_such_module'" in error_of(["algorithm.name=no_such_module:Algo"])
+    assert "has no 'Nope'" in error_of(["algorithm.name=toy_algorithms:Nope"])
+    assert "lacks" in error_of(["algorithm.name=toy_algorithms:L1ToTargets"])  # a dataclass, not an algorithm
+    assert "'algorithm.bogus'" in error_of(["algorithm.name=toy_algorithms:ToyMutual", "algorithm.bogus=1"])
+
+
+def test_register_makes_a_short_name(monkeypatch):
+    from dataclasses import dataclass
+
+    from kdfl import algorithms
+    from kdfl.algorithms import FedAvg, register
+
+    monkeypatch.setattr(algorithms, "ALGORITHMS", dict(algorithms.ALGORITHMS))
+
+    @register("my_fedavg")
+    @dataclass(frozen=True)
+    class MyFedAvg(FedAvg):
+        pass
+
+    assert config.load(None, ["algorithm.name=my_fedavg"])["algorithm"]["name"] == "my_fedavg"
+    with pytest.raises(KdflError, match="taken"):
+        register("fedavg")(MyFedAvg)

@@ -129,3 +129,16 @@ def test_fast_executors_give_the_sequential_run(executor):
     assert [r["uplink_bytes"] for r in got.records] == [r["uplink_bytes"] for r in ref.records]
     assert abs(got.summary["final_accuracy"] - ref.summary["final_accuracy"]) <= 0.02
     assert not [p for p in multiprocessing.active_children() if "resource_tracker" not in p.name]
+
+
+def test_checkpoints_of_the_old_untyped_state_are_refused_clearly(tmp_path):
+    import torch
+
+    cfg = config.load(None, ["run.rounds=1", "model.arch=mlp:hidden=8"])
+    experiment.run(cfg, out=tmp_path)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["format"] == 2
+    del ck["format"]  # what kdfl wrote before typed states (ServerState.extra dicts)
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    with pytest.raises(KdflError, match="older kdfl .*format 1"):
+        experiment.run(config.load(None, ["run.rounds=2", "model.arch=mlp:hidden=8"]), out=tmp_path, resume=True)

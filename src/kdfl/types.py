@@ -114,7 +114,7 @@ class ClientInfo:
 
 @dataclass
 class Client:
-    """One client as handed to ``client_update`` for one round."""
+    """One client as its program sees it in one round (on the client side: its data and kept state)."""
 
     id: int
     data: TensorData

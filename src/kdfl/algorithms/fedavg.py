@@ -9,11 +9,12 @@ The shared weight steps live in :mod:`kdfl.algorithms.kit.weights`; server optim
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kdfl.algorithms.kit import server_opt, weights
-from kdfl.algorithms.program import Program
+from kdfl.algorithms.program import Phase, Program
 from kdfl.losses import CrossEntropy, Loss
 from kdfl.train import LocalSGD
 from kdfl.types import Client, ClientInfo, ClientUpdate, Payload, RoundMetrics, ServerState, Task
@@ -50,6 +51,14 @@ class FedAvg:
         """The client's loss (FedProx adds its proximal term)."""
         return CrossEntropy()
 
+    @functools.cached_property
+    def _phase(self) -> Phase:  # one Phase object for every client (executors group by it)
+        return Phase(self.loss(), self.local)
+
+    def phase(self, downlink: Payload) -> Phase:
+        """The client's training phase (FedProx: with the anchor weights as a constant)."""
+        return self._phase
+
     def init(self, task: Task) -> FedAvgState:
         weights.require_homogeneous(type(self).__name__, task)
         params = weights.init_params(task)
@@ -59,7 +68,7 @@ class FedAvg:
         return state.params
 
     def client_program(self, task: Task, downlink: Payload, client: Client) -> Program:
-        return weights.delta_program(client.arch, downlink, self.loss(), self.local, {"anchor": downlink})
+        return weights.delta_program(client.arch, downlink, self.phase(downlink))
 
     def validate(self, task: Task, state: ServerState, update: ClientUpdate) -> None:
         weights.check_delta(update, state.params)

@@ -15,6 +15,7 @@ early stopping are far too slow for CPU runs, so ``distill.steps`` defaults to 5
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ import torch
 from kdfl import tree
 from kdfl.algorithms.kit import weights
 from kdfl.algorithms.kit.distill import DistillSettings, distill, teacher_logits
-from kdfl.algorithms.program import Program
+from kdfl.algorithms.program import Phase, Program
 from kdfl.losses import CrossEntropy
 from kdfl.rng import generator
 from kdfl.train import LocalSGD, evaluate
@@ -118,7 +119,11 @@ class FedDF:
         return state.protos[client.arch]
 
     def client_program(self, task: Task, downlink: Payload, client: Client) -> Program:
-        return weights.delta_program(client.arch, downlink, CrossEntropy(), self.local, {"anchor": downlink})
+        return weights.delta_program(client.arch, downlink, self._phase)
+
+    @functools.cached_property
+    def _phase(self) -> Phase:  # one Phase object for every client (executors group by it)
+        return Phase(CrossEntropy(), self.local)
 
     def validate(self, task: Task, state: FedDFState, update: ClientUpdate) -> None:  # type: ignore[override]
         weights.check_delta(update, state.protos[task.client_archs[update.client_id]])

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdfl.algorithms.fedavg import FedAvg
+from kdfl.algorithms.program import Phase
 from kdfl.losses import CrossEntropy, Loss, Proximal, Sum
-from kdfl.types import KdflError
+from kdfl.types import KdflError, Payload
 
 
 @dataclass(frozen=True)
@@ -29,5 +30,9 @@ class FedProx(FedAvg):
             raise KdflError(f"algorithm.mu must be >= 0, got {self.mu}")
 
     def loss(self) -> Loss:
-        # the anchor is the downlink weights (the program's "anchor" constant)
         return Sum((CrossEntropy(), Proximal(self.mu))) if self.mu else CrossEntropy()
+
+    def phase(self, downlink: Payload) -> Phase:
+        if not self.mu:
+            return super().phase(downlink)
+        return Phase(self.loss(), self.local, consts={"anchor": downlink})  # the anchor: the global weights

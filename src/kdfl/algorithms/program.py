@@ -63,9 +63,11 @@ class Data:
 
     def __post_init__(self) -> None:
         n = self.x.shape[0]
-        for name, t in {"y": self.y, **self.targets}.items():
-            if t is not None and t.shape[0] != n:
-                raise KdflError(f"phase data: {name} has {t.shape[0]} rows but x has {n}")
+        if self.y is not None and self.y.shape[0] != n:
+            raise KdflError(f"phase data: y has {self.y.shape[0]} rows but x has {n}")
+        for name, t in self.targets.items():
+            if t.shape[0] != n:
+                raise KdflError(f"phase data: target {name!r} has {t.shape[0]} rows but x has {n}")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -191,14 +193,13 @@ class Program:
     batchable: str = ""
 
     def __post_init__(self) -> None:
+        models = self.models.keys()
         for ph in self.phases:
-            unknown = [m for m in ph.forward if m not in self.models]
-            if unknown:
-                raise KdflError(f"phase {ph.name!r} uses models {unknown} that the program does not declare "
-                                f"(declared: {sorted(self.models)})")
-        missing = [m for m in self.keep if m not in self.models]
-        if missing:
-            raise KdflError(f"program keeps models {missing} that it does not declare")
+            if not models >= set(ph.forward):
+                raise KdflError(f"phase {ph.name!r} uses models {sorted(set(ph.forward) - models)} that the program "
+                                f"does not declare (declared: {sorted(models)})")
+        if not models >= set(self.keep):
+            raise KdflError(f"program keeps models {sorted(set(self.keep) - models)} that it does not declare")
 
 
 def fresh_weights(task: Task, client_id: int, arch: str) -> StateDict:

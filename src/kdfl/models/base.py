@@ -29,6 +29,7 @@ intermediate convolutional activations. :class:`Decoupled` gives them one interf
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal, overload
 
 from torch import Tensor, nn
@@ -69,6 +70,15 @@ class Decoupled(nn.Module):
             (B, feature_dim) features.
         """
         raise NotImplementedError
+
+    @staticmethod
+    def _stages(stages: Iterable[nn.Module], x: Tensor, maps: list[Tensor] | None) -> Tensor:
+        """Run ``x`` through ``stages`` in order, appending each stage's output to ``maps``."""
+        for stage in stages:
+            x = stage(x)
+            if maps is not None:
+                maps.append(x)
+        return x
 
     def _no_activations(self) -> KdflError:
         return KdflError(

@@ -72,11 +72,7 @@ class CNN(Decoupled):
 
     def _trunk(self, x: Tensor, maps: list[Tensor] | None) -> Tensor:
         """(B, *input_shape) -> (B, hidden); appends each block's (B, C_i, *spatial_i) map."""
-        for block in self.blocks:
-            x = block(x)
-            if maps is not None:
-                maps.append(x)
-        return self.fc(x)
+        return self.fc(self._stages(self.blocks, x, maps))
 
 
 def build_cnn(input_shape: tuple[int, ...], num_classes: int, width: int = 16, hidden: int = 64) -> CNN:

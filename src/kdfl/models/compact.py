@@ -145,14 +145,7 @@ class ShuffleNetV2(Decoupled):
 
     def _trunk(self, x: Tensor, maps: list[Tensor] | None) -> Tensor:
         """(B, C_in, H, W) -> (B, last); appends the 3 stage maps and the conv5 map."""
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-            if maps is not None:
-                maps.append(x)
-        x = self.conv5(x)  # (B, last, H/8, W/8)
-        if maps is not None:
-            maps.append(x)
+        x = self._stages((*self.stages, self.conv5), self.stem(x), maps)  # conv5: (B, last, H/8, W/8)
         return self.avgpool(x).flatten(1)
 
 

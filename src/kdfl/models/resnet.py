@@ -131,10 +131,7 @@ class ResNetCifar(Decoupled):
     def _trunk(self, x: Tensor, maps: list[Tensor] | None) -> Tensor:
         """(B, C_in, H, W) -> (B, 4w); appends each stage's (B, C_i, H_i, W_i) output."""
         x = self.relu(self.bn1(self.conv1(x)))
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x = stage(x)
-            if maps is not None:
-                maps.append(x)
+        x = self._stages((self.layer1, self.layer2, self.layer3), x, maps)
         return self.avgpool(x).flatten(1)  # (B, 4w, H/4, W/4) -> (B, 4w)
 
 

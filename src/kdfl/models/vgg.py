@@ -83,8 +83,4 @@ class VGG9(Decoupled):
 
     def _trunk(self, x: Tensor, maps: list[Tensor] | None) -> Tensor:
         """(B, C_in, H, W) -> (B, hidden); appends each conv pair's (B, C_i, H_i, W_i) map."""
-        for block in self.blocks:
-            x = block(x)
-            if maps is not None:
-                maps.append(x)
-        return self.fc(self.avgpool(x))  # (B, 8w, pool, pool) -> (B, hidden)
+        return self.fc(self.avgpool(self._stages(self.blocks, x, maps)))  # (B, 8w, pool, pool) -> (B, hidden)

@@ -51,6 +51,7 @@ the tests assert ``atol=1e-5``.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import traceback
 from collections.abc import Hashable, Mapping, Sequence
@@ -66,14 +67,12 @@ from kdfl.algorithms.program import (
     Delta,
     Phase,
     Program,
-    client_metrics,
-    phase_data,
     run_program,
 )
 from kdfl.losses import Batch, Outputs
 from kdfl.simulation.executors import ClientFailure, Job, Result
 from kdfl.train import batch_indices, model_outputs
-from kdfl.types import Algorithm, Client, ClientState, ClientUpdate, KdflError, Payload, Task
+from kdfl.types import Algorithm, Client, ClientState, ClientUpdate, KdflError, Payload, Task, TensorData
 
 log = logging.getLogger(__name__)
 
@@ -89,45 +88,61 @@ class _Item:
     pos: int  # index in the executor's job list
     client: Client
     program: Program
-    datas: list[Data] = field(default_factory=list)  # per phase
+    datas: list[Data | TensorData] = field(default_factory=list)  # per phase (private data as it is)
     batches: list[list[Tensor]] = field(default_factory=list)  # per phase
 
 
-def _tensors_key(values: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The shapes and dtypes of per-client constants (tensors or state dicts)."""
+def _tensors_key(values: Mapping[str, Any], memo: dict[int, Any] | None = None) -> tuple[Any, ...]:
+    """The shapes and dtypes of per-client tensors (tensors or state dicts). ``memo``
+    caches the key of each mapping by identity: clients of a round usually share the
+    very same downlink weights, and computing their key 1000 times was measurable."""
+    if memo is not None and id(values) in memo:
+        return memo[id(values)]  # type: ignore[no-any-return]
     out: list[Any] = []
     for k, v in values.items():
         if isinstance(v, Tensor):
             out.append((k, tuple(v.shape), v.dtype))
         elif isinstance(v, Mapping) and all(isinstance(t, Tensor) for t in v.values()):
-            out.append((k, tuple((n, tuple(t.shape), t.dtype) for n, t in v.items())))
+            out.append((k, _tensors_key(v, memo)))
         else:
             raise _Unbatchable(f"phase constant {k!r} is a {type(v).__name__}, not a tensor or a state dict")
-    return tuple(out)
+    key = tuple(out)
+    if memo is not None:
+        memo[id(values)] = key
+    return key
 
 
-def structure(program: Program) -> Hashable:
-    """What must be equal for two clients' programs to train as one batched program."""
+def _phase_key(ph: Phase, memo: dict[int, Any] | None) -> Hashable:
+    """The batching-relevant structure of one phase (memoised by identity: algorithms
+    usually hand every client the same Phase object)."""
+    if memo is not None and id(ph) in memo:
+        return memo[id(ph)]
+    try:
+        hash(ph.loss)
+    except TypeError:
+        raise _Unbatchable(f"the loss of phase {ph.name!r} is not a hashable value (declare it as a frozen "
+                           "dataclass)") from None
+    if ph.local.optimizer != "sgd":
+        raise _Unbatchable(f"optimizer {ph.local.optimizer!r} is not batched (only SGD)")
+    d = ph.data
+    dkey = None if d is None else (tuple(d.x.shape[1:]), d.x.dtype, d.y is None,
+                                   _tensors_key({k: v[:0] for k, v in d.targets.items()}))
+    key = (ph.name, ph.loss, ph.local, ph.train, ph.frozen, ph.outputs, dkey, _tensors_key(ph.consts, memo))
+    if memo is not None:
+        memo[id(ph)] = key
+    return key
+
+
+def structure(program: Program, memo: dict[int, Any] | None = None) -> Hashable:
+    """What must be equal for two clients' programs to train as one batched program
+    (``memo``: see :func:`_tensors_key`; valid while the programs are alive)."""
     if program.batchable:
         raise _Unbatchable(program.batchable)
-    models = tuple((name, m.arch, tuple((k, tuple(v.shape), v.dtype) for k, v in m.weights.items()))
-                   for name, m in program.models.items())
-    phases = []
-    for ph in program.phases:
-        try:
-            hash(ph.loss)
-        except TypeError:
-            raise _Unbatchable(f"the loss of phase {ph.name!r} is not a hashable value (declare it as a frozen "
-                               "dataclass)") from None
-        if ph.local.optimizer != "sgd":
-            raise _Unbatchable(f"optimizer {ph.local.optimizer!r} is not batched (only SGD)")
-        d = ph.data
-        dkey = None if d is None else (tuple(d.x.shape[1:]), d.x.dtype, d.y is None,
-                                       _tensors_key({k: v[:0] for k, v in d.targets.items()}))
-        phases.append((ph.name, ph.loss, ph.local, ph.train, ph.frozen, ph.outputs, dkey, _tensors_key(ph.consts)))
+    models = tuple((name, m.arch, _tensors_key(m.weights, memo)) for name, m in program.models.items())
+    phases = tuple(_phase_key(ph, memo) for ph in program.phases)
     uploads = tuple((type(u).__name__, getattr(u, "model", None), getattr(u, "key", None),
                      tuple(getattr(u, "payload", {}))) for u in program.upload)
-    return models, tuple(phases), uploads, program.keep
+    return models, phases, uploads, program.keep
 
 
 def _model_issue(model: nn.Module) -> str | None:
@@ -171,7 +186,7 @@ class _Method(nn.Module):
         return getattr(self.model, self.method)(*args)  # type: ignore[no-any-return]
 
 
-def _loss_on(models: Mapping[str, nn.Module], ph: Phase, data: Data, rows: Tensor) -> Tensor:
+def _loss_on(models: Mapping[str, nn.Module], ph: Phase, data: Data | TensorData, rows: Tensor) -> Tensor:
     """The phase's loss on ``rows`` of ``data``, computed by the real modules."""
 
     def call(model: str, method: str, *args: Tensor) -> Tensor:
@@ -179,7 +194,8 @@ def _loss_on(models: Mapping[str, nn.Module], ph: Phase, data: Data, rows: Tenso
 
     x = data.x[rows]
     values = {name: model_outputs(models[name], x, ph.outputs) for name in ph.forward}
-    batch = Batch(x, None if data.y is None else data.y[rows], rows, {k: v[rows] for k, v in data.targets.items()})
+    targets = getattr(data, "targets", {})
+    batch = Batch(x, None if data.y is None else data.y[rows], rows, {k: v[rows] for k, v in targets.items()})
     params = {name: dict(models[name].named_parameters()) for name in ph.forward}
     return ph.loss(Outputs(values, params, call), batch, ph.consts).reshape(())
 
@@ -227,17 +243,33 @@ class Vectorized:
 
     # -- public ---------------------------------------------------------------------------
     def run(self, algorithm: Algorithm, task: Task, jobs: Sequence[Job]) -> list[Result]:
+        # thousands of small objects per round (programs, payload dicts, tensor views) set off
+        # the cyclic garbage collector's full passes over every live tensor: at K = 1000
+        # MLP clients they took about a third of the round; the round makes no cycles that
+        # must die before it ends, so collection waits until it has
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(algorithm, task, jobs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _run(self, algorithm: Algorithm, task: Task, jobs: Sequence[Job]) -> list[Result]:
         results: list[Result | None] = [None] * len(jobs)
         self.batched, self.reasons = 0, {}
         groups: dict[Any, list[_Item]] = {}
+        memo: dict[int, Any] = {}
+        programs = []  # alive until the end of the grouping: ``memo`` keys are object ids
         for pos, (client, downlink) in enumerate(jobs):
             try:
                 program = algorithm.client_program(task, downlink, client)
             except Exception as e:
                 results[pos] = ClientFailure(client.id, f"{type(e).__name__}: {e}", traceback.format_exc())
                 continue
+            programs.append(program)
             try:
-                key = structure(program)
+                key = structure(program, memo)
                 broken = [m.arch for m in program.models.values() if m.arch in self._broken]
                 if broken:
                     raise _Unbatchable(f"architecture {broken[0]!r} could not be batched earlier: "
@@ -275,7 +307,7 @@ class Vectorized:
                 self._broken[lead.models[name].arch] = why
                 return self._sequential(task, items, why)
         for it in items:
-            it.datas = [phase_data(ph, it.client) for ph in it.program.phases]
+            it.datas = [it.client.data if ph.data is None else ph.data for ph in it.program.phases]
             it.batches = [list(batch_indices(len(d), ph.local, it.client.generator(i)))
                           for i, (ph, d) in enumerate(zip(it.program.phases, it.datas, strict=True))]
         # bucket by data sizes when padding is not allowed (BatchNorm, non-decomposable losses)
@@ -379,24 +411,25 @@ class Vectorized:
             steps = [len(it.batches[p]) for it in items]
             order = sorted(range(k), key=lambda i: -steps[i])  # still-training clients form a prefix
             if order == list(range(k)):
-                phase_losses = self._train_phase(task, items, p, ph, state, templates)
-            else:
-                perm = torch.tensor(order)
-                st = _rows(state, perm.to(dev))
-                phase_losses = self._train_phase(task, [items[i] for i in order], p, ph, st, templates)
-                inv = torch.argsort(perm)
-                state = _rows(st, inv.to(dev))
-                phase_losses = [(lv, [order[i] for i in range(lv.shape[0])]) for lv, _ in phase_losses]
-            for lv, rows in phase_losses:
-                idx = torch.tensor(rows)
-                totals[idx, p] += lv.double().cpu()
-                finite[idx] &= torch.isfinite(lv).cpu()
+                per_step = self._train_phase(task, items, p, ph, state, templates)  # (m_t,): clients 0..m_t-1
+                for lv in per_step:
+                    totals[: lv.shape[0], p] += lv.double().cpu()
+                    finite[: lv.shape[0]] &= torch.isfinite(lv).cpu()
+                continue
+            perm = torch.tensor(order)
+            st = _rows(state, perm.to(dev))
+            per_step = self._train_phase(task, [items[i] for i in order], p, ph, st, templates)
+            state = _rows(st, torch.argsort(perm).to(dev))
+            for lv in per_step:
+                rows = perm[: lv.shape[0]]
+                totals[rows, p] += lv.double().cpu()
+                finite[rows] &= torch.isfinite(lv).cpu()
         return state, totals, finite
 
     def _train_phase(self, task: Task, items: list[_Item], p: int, ph: Phase, state: dict[str, dict[str, Tensor]],
-                     templates: Mapping[str, nn.Module]) -> list[tuple[Tensor, list[int]]]:
+                     templates: Mapping[str, nn.Module]) -> list[Tensor]:
         """One phase for clients sorted by their step count; updates ``state`` in place.
-        Returns per step the losses of the clients active then ((m_t,), their rows)."""
+        Returns per step the losses of the clients active then ((m_t,): the first m_t)."""
         dev, cfg = task.device, ph.local
         param_names = {m: {n for n, _ in templates[m].named_parameters()} for m in ph.forward}
         trainable = {m: [n for n, prm in templates[m].named_parameters() if prm.requires_grad] for m in ph.train}
@@ -423,7 +456,8 @@ class Vectorized:
         labelled = datas[0].y is not None
         ys = torch.cat([d.y for d in datas if d.y is not None]).to(dev) if labelled else torch.zeros(len(xs), dtype=torch.long,
                                                                                      device=dev)
-        tgs = {t: torch.cat([d.targets[t] for d in datas]).to(dev) for t in datas[0].targets}
+        tgs = {t: torch.cat([d.targets[t] for d in datas]).to(dev)  # type: ignore[union-attr]
+               for t in getattr(datas[0], "targets", {})}
         kwargs = {"features": "features" in ph.outputs, "activations": "activations" in ph.outputs}
 
         def client_loss(pr: dict[str, dict[str, Tensor]], fz: dict[str, dict[str, Tensor]], x: Tensor, y: Tensor,
@@ -457,7 +491,7 @@ class Vectorized:
         g_fn = vmap(grad_and_value(client_loss), in_dims=(0, 0, 0, 0, 0, 0, 0, 0))
         g_fn_full = vmap(grad_and_value(client_loss), in_dims=(0, 0, 0, 0, 0, 0, None, 0))
         momentum: dict[str, dict[str, Tensor]] = {}
-        losses: list[tuple[Tensor, list[int]]] = []
+        losses: list[Tensor] = []
         steps = [len(it.batches[p]) for it in items]
         lr, mom, wd = cfg.lr, cfg.momentum, cfg.weight_decay
         for t in range(steps[0] if steps else 0):
@@ -482,7 +516,7 @@ class Vectorized:
                 grads, loss = g_fn_full(pr, fz, x, y, local, tg, None, cs)
             else:
                 grads, loss = g_fn(pr, fz, x, y, local, tg, mask.to(dev), cs)
-            losses.append((loss.detach(), list(range(active))))
+            losses.append(loss.detach())
             with torch.no_grad():  # torch.optim.SGD (single-tensor path), on the stacked tensors
                 for mdl, names in trainable.items():
                     for n in names:
@@ -538,16 +572,19 @@ class Vectorized:
                 except Exception as e:
                     out[items[i].pos] = ClientFailure(items[i].client.id, f"{type(e).__name__}: {e}",
                                                       traceback.format_exc())
+        totals_l = totals.tolist()  # one conversion, not one float() per client and phase
+        names = [f"{ph.name}_loss" for ph in lead.phases]
         for r, i in enumerate(ok):
-            it = items[i]
+            it, total = items[i], totals_l[i]
             if it.pos in out:
                 continue
             payload: Payload = {}
             for part in parts[r]:
                 payload.update(part)
-            per_phase = [{f"{ph.name}_loss": float(totals[i, p]) / max(len(it.batches[p]), 1),
-                          "steps": float(len(it.batches[p]))} for p, ph in enumerate(it.program.phases)]
+            steps = [len(b) for b in it.batches]
+            metrics = {name: total[p] / max(steps[p], 1) for p, name in enumerate(names)}
+            metrics["steps"] = float(sum(steps))
             kept = (ClientState({m: {n: v[r].clone() for n, v in rows[m].items()} for m in it.program.keep})
                     if it.program.keep else None)
-            out[it.pos] = ClientUpdate(it.client.id, len(it.client.data), payload, client_metrics(per_phase), kept)
+            out[it.pos] = ClientUpdate(it.client.id, len(it.client.data), payload, metrics, kept)
         return out

@@ -11,9 +11,8 @@ import torch
 from kdfl import tree
 from kdfl.aggregation import aggregate_tensors, make_aggregator
 from kdfl.algorithms.program import DELTA, Delta, Model, Phase, Program
-from kdfl.losses import MAIN, Loss
+from kdfl.losses import MAIN
 from kdfl.spec import parse_spec
-from kdfl.train import LocalSGD
 from kdfl.types import ClientUpdate, KdflError, PayloadError, StateDict, Task
 
 
@@ -22,10 +21,10 @@ def init_params(task: Task, arch: str | None = None) -> StateDict:
     return tree.state_of(task.new_model(arch))
 
 
-def delta_program(arch: str, weights: StateDict, loss: Loss, local: LocalSGD, consts: dict | None = None) -> Program:
-    """Train one model from ``weights`` with ``loss`` on the private data; upload its delta."""
-    return Program(models={MAIN: Model(arch, weights)}, phases=[Phase(loss, local, consts=consts or {})],
-                   upload=[Delta(weights)])
+def delta_program(arch: str, weights: StateDict, phase: Phase) -> Program:
+    """Train one model from ``weights`` with ``phase`` (on the private data unless the
+    phase says otherwise); upload its delta."""
+    return Program(models={MAIN: Model(arch, weights)}, phases=(phase,), upload=(Delta(weights),))
 
 
 def deltas_of(updates: Sequence[ClientUpdate]) -> list[StateDict]:
