@@ -311,8 +311,9 @@ def test_register_makes_a_short_name(monkeypatch):
 
     from kdfl import algorithms
     from kdfl.algorithms import FedAvg, register
+    from kdfl.registry import Registry
 
-    monkeypatch.setattr(algorithms, "ALGORITHMS", dict(algorithms.ALGORITHMS))
+    monkeypatch.setattr(algorithms, "ALGORITHMS", Registry("algorithm", dict(algorithms.ALGORITHMS.items())))
 
     @register("my_fedavg")
     @dataclass(frozen=True)

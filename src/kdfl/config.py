@@ -131,7 +131,7 @@ def _validate_fixed(cfg: Config, section: str, schema: dict[str, Any]) -> None:
         cfg[section][key] = _check(section, key, value, schema[key])
 
 
-def _named(cfg: Config, section: str, registry: typing.Mapping[str, Any], kind: str, fixed: dict[str, Any],
+def _named(cfg: Config, section: str, registry: Any, kind: str, fixed: dict[str, Any],
            options_of: typing.Callable[[Any], dict[str, Any]]) -> None:
     """Validate a section whose ``name`` picks a registry entry that defines the other keys."""
     name = cfg[section].get("name")

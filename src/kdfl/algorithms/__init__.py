@@ -20,17 +20,17 @@ from kdfl.algorithms.fedavgm import FedAvgM
 from kdfl.algorithms.feddf import FedDF
 from kdfl.algorithms.fedema_distill import FedEMADistill
 from kdfl.algorithms.fedprox import FedProx
-from kdfl.spec import unknown
+from kdfl.registry import Registry
 from kdfl.train import LocalSGD
 from kdfl.types import KdflError
 
-ALGORITHMS: dict[str, type[Any]] = {
+ALGORITHMS: Registry[type[Any]] = Registry("algorithm", {
     "fedavg": FedAvg,
     "fedprox": FedProx,
     "fedavgm": FedAvgM,
     "feddf": FedDF,
     "fedema_distill": FedEMADistill,
-}
+})
 
 REQUIRED = ("init", "configure", "client_program", "validate", "server_update")
 
@@ -55,7 +55,7 @@ def register(name: str) -> Callable[[type[Any]], type[Any]]:
     def deco(cls: type[Any]) -> type[Any]:
         if name in ALGORITHMS and ALGORITHMS[name] is not cls:
             raise KdflError(f"algorithm name {name!r} is taken by {ALGORITHMS[name].__qualname__}")
-        ALGORITHMS[name] = check_algorithm(cls, name)
+        ALGORITHMS.add(name, check_algorithm(cls, name))
         return cls
 
     return deco
@@ -63,10 +63,8 @@ def register(name: str) -> Callable[[type[Any]], type[Any]]:
 
 def resolve(name: str) -> type[Any]:
     """The algorithm class for a registry key or a ``"module:ClassName"`` path."""
-    if name in ALGORITHMS:
-        return ALGORITHMS[name]
     if ":" not in name:
-        raise unknown("algorithm", name, ALGORITHMS)
+        return ALGORITHMS.get(name)  # the standard "unknown algorithm ... Did you mean" error
     module, _, attr = name.partition(":")
     try:
         mod = importlib.import_module(module)

@@ -14,7 +14,6 @@ float32 inputs of shape ``(n, *input_shape)`` and int64 labels.
 
 from __future__ import annotations
 
-import difflib
 import gzip
 import hashlib
 import importlib
@@ -35,6 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from kdfl.registry import Registry, default_options
 from kdfl.types import KdflError, TensorData
 
 log = logging.getLogger(__name__)
@@ -450,7 +450,7 @@ def _load_fashion_mnist(root: Path, download: bool, verify_checksum: bool = True
 # --------------------------------------------------------------------- registry
 
 
-DATASETS: dict[str, DatasetSpec] = {
+DATASETS: Registry[DatasetSpec] = Registry("data set", {
     "digits": DatasetSpec(_load_digits, "sklearn 8x8 handwritten digits, fixed stratified split, (1, 8, 8)",
                           {"test_fraction": 0.2}),
     "mnist1d": DatasetSpec(_load_mnist1d, "MNIST-1D (Greydanus 2020), generated locally and cached, (1, 40)",
@@ -465,7 +465,7 @@ DATASETS: dict[str, DatasetSpec] = {
                             {"label_type": "fine", "verify_checksum": True}),
     "fashion_mnist": DatasetSpec(_load_fashion_mnist, "Fashion-MNIST from the four IDX .gz files, (1, 28, 28)",
                                  {"verify_checksum": True}),
-}
+}, options_of=lambda spec: default_options(spec.options))
 
 
 def load(name: str, data_dir: str | Path | None = None, download: bool = True, **options: Any) -> DataBundle:
@@ -484,12 +484,5 @@ def load(name: str, data_dir: str | Path | None = None, download: bool = True, *
         KdflError: unknown name or option, or a missing, altered or corrupt file.
     """
     spec = DATASETS.get(name)
-    if spec is None:
-        close = difflib.get_close_matches(name, list(DATASETS), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KdflError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}.{hint}")
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        allowed = ", ".join(f"{k}={v!r}" for k, v in spec.options.items()) or "none"
-        raise KdflError(f"unknown option {', '.join(map(repr, unknown))} for data set {name!r}; allowed: {allowed}")
+    options = DATASETS.bind(name, options)  # unknown options and wrong types, named with the allowed ones
     return spec.loader(cache_dir(data_dir), download, **{**spec.options, **options})
