@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_speed(src: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--clients", *map(str, args.clients),
-           "--reps", str(args.reps), "--executors", *args.executors]
+           "--reps", str(args.reps), "--executors", *args.executors, *(["--models", *args.models] if args.models else [])]
     env = {**os.environ, "PYTHONPATH": str(src)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -45,6 +45,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2, help="speed.py runs per version (alternating)")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds per runner inside each run")
     ap.add_argument("--executors", nargs="*", default=["loop", "sequential", "vectorized", "parallel", "auto"])
+    ap.add_argument("--models", nargs="*", default=None, help="speed.py --models (default: all three)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "before"
@@ -61,7 +62,7 @@ def main() -> int:
                            capture_output=True)
     print(f"\n# speed.py ratios to the plain loop, median of {args.runs} runs per version, alternating "
           f"(before = {args.before}, after = working tree)")
-    print(f"| model | K | runner | before | after | after / before |\n|---|---|---|---|---|---|")
+    print("| model | K | runner | before | after | after / before |\n|---|---|---|---|---|---|")
     rows = {}
     for model, per_k in results["after"][0].items():
         for k, per_runner in per_k.items():

@@ -1,11 +1,12 @@
 """A test-only algorithm that uses what the single-model algorithms do not: two models per
 client (a kept personal model and a shared one from the downlink), a public phase before
-a private phase, per-sample targets from the server, logits and a weight delta in one
-upload. Importable as ``toy_algorithms:ToyMutual`` (tests/core is on sys.path), which
+a private phase, per-sample targets from the server, logits, a weight delta and a
+constant in one upload, and a typed client state that keeps more than weights. Importable as ``toy_algorithms:ToyMutual`` (tests/core is on sys.path), which
 also exercises user algorithms named by module path."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdfl.algorithms.kit import weights
-from kdfl.algorithms.program import Data, Delta, Logits, Model, Phase, Program, fresh_weights
+from kdfl.algorithms.program import Const, Data, Delta, Logits, Model, Phase, Program, fresh_weights
 from kdfl.train import LocalSGD
-from kdfl.types import PayloadError, ServerState
+from kdfl.types import ClientState, PayloadError, ServerState
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,17 @@ class Mutual:
         kl_ab = kl(b.detach(), a)
         kl_ba = kl(a.detach(), b)
         return F.cross_entropy(a, batch.y) + F.cross_entropy(b, batch.y) + self.weight * (kl_ab + kl_ba)
+
+
+@dataclass(frozen=True)
+class ToyClientState(ClientState):
+    """A typed client state that keeps more than weights."""
+
+    rounds: int = 0  # rounds this client has trained in
+
+
+def count_round(rounds, models, kept):
+    return ToyClientState(kept.models, rounds)
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class ToyMutual:
 
     def client_program(self, task, downlink, client):
         shared = {k[len(W):]: v for k, v in downlink.items() if k.startswith(W)}
+        rounds = 1 + (client.state.rounds if isinstance(client.state, ToyClientState) else 0)
         x = task.proxy[self.rows(task, client.round)]
         digest = LocalSGD(steps=self.digest_steps, batch_size=8, lr=self.local.lr)
         return Program(
@@ -90,8 +103,9 @@ class ToyMutual:
             phases=[Phase(L1ToTargets(), digest, train=("own",), data=Data(x, targets={"q": downlink["consensus"]}),
                           name="digest"),
                     Phase(Mutual(), self.local, train=("own", "shared"), name="private")],
-            upload=[Logits(x, model="own"), Delta(shared, model="shared")],
-            keep=("own",),
+            upload=[Logits(x, model="own"), Delta(shared, model="shared"),
+                    Const({"client_rounds": torch.tensor([rounds])})],
+            keep=("own",), keep_state=functools.partial(count_round, rounds),
         )
 
     def validate(self, task, state, update):
@@ -100,8 +114,13 @@ class ToyMutual:
         if z is None or tuple(z.shape) != (n, task.num_classes):
             raise PayloadError(f"logits must be ({n}, {task.num_classes})")
         weights.check_delta(update, state.params)
+        c = update.payload.get("client_rounds")
+        if c is None or c.shape != (1,) or c.is_floating_point() or not 1 <= int(c) <= state.round + 1:
+            raise PayloadError("client_rounds must be one integer in [1, round]")
 
     def server_update(self, task, state, updates: Sequence):
         consensus = torch.stack([u.payload["logits"].float() for u in updates]).mean(0)
         params = weights.apply_delta(state.params, weights.aggregate_deltas(updates))
-        return ToyState(params, state.round + 1, consensus), {"consensus_max": float(consensus.max())}
+        metrics = {"consensus_max": float(consensus.max()),
+                   "client_rounds_max": float(max(int(u.payload["client_rounds"]) for u in updates))}
+        return ToyState(params, state.round + 1, consensus), metrics

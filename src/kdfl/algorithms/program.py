@@ -9,6 +9,12 @@ only runs; its loss over the models' outputs), says what to upload (weight delta
 logits on given inputs, constants, or anything a function computes from the trained
 models) and which models the client keeps for the next round.
 
+Generated samples (FedGen's latents from a downloaded generator) are drawn before
+training, from the client's own generator (``client.generator(stream)``), and attached
+to a phase's data as per-sample targets (``Data(x, y, targets={"z": ..., "y_gen": ...})``):
+the loss reads them from ``batch.targets`` and runs ``out.head(model, z)``, and the
+program stays deterministic and batchable.
+
 :func:`run_program` is the reference runner (the sequential executor). The vectorized
 executor (:mod:`kdfl.simulation.vectorized`) runs the same program for many clients at
 once when they declare the same structure: equal losses (frozen dataclasses, see
@@ -182,6 +188,10 @@ class Program:
         phases: run in order; phase i draws its batch order from ``client.generator(i)``.
         upload: payload parts, merged in order.
         keep: models whose trained weights the client keeps (``ClientState.models``).
+        keep_state: for clients that keep more than weights: ``keep_state(models, kept)``
+            returns the client's state (a typed subclass of :class:`ClientState`) from the
+            trained models and the ``ClientState`` made of the ``keep`` models. It must
+            copy what it keeps from the models.
         batchable: "" when the program may be batched with others of the same structure;
             otherwise the reason it may not (e.g. randomness inside the loss).
     """
@@ -190,16 +200,19 @@ class Program:
     phases: Sequence[Phase]
     upload: Sequence[Upload] = ()
     keep: tuple[str, ...] = ()
+    keep_state: Callable[[Mapping[str, nn.Module], ClientState], ClientState] | None = None
     batchable: str = ""
 
     def __post_init__(self) -> None:
-        models = self.models.keys()
+        declared = self.models
         for ph in self.phases:
-            if not models >= set(ph.forward):
-                raise KdflError(f"phase {ph.name!r} uses models {sorted(set(ph.forward) - models)} that the program "
-                                f"does not declare (declared: {sorted(models)})")
-        if not models >= set(self.keep):
-            raise KdflError(f"program keeps models {sorted(set(self.keep) - models)} that it does not declare")
+            unknown = [m for m in ph.train + ph.frozen if m not in declared]
+            if unknown:
+                raise KdflError(f"phase {ph.name!r} uses models {unknown} that the program does not declare "
+                                f"(declared: {sorted(declared)})")
+        missing = [m for m in self.keep if m not in declared]
+        if missing:
+            raise KdflError(f"program keeps models {missing} that it does not declare")
 
 
 def fresh_weights(task: Task, client_id: int, arch: str) -> StateDict:
@@ -230,6 +243,8 @@ def finish(program: Program, client: Client, models: Mapping[str, nn.Module],
     for up in program.upload:
         payload.update(up.make(models))
     state = ClientState({m: tree.state_of(models[m]) for m in program.keep}) if program.keep else None
+    if program.keep_state is not None:
+        state = program.keep_state(models, state or ClientState())
     return ClientUpdate(client.id, len(client.data), payload, metrics, state)
 
 

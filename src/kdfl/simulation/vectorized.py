@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from kdfl import tree
 from kdfl.algorithms.program import (
     Data,
     Delta,
@@ -142,7 +143,7 @@ def structure(program: Program, memo: dict[int, Any] | None = None) -> Hashable:
     phases = tuple(_phase_key(ph, memo) for ph in program.phases)
     uploads = tuple((type(u).__name__, getattr(u, "model", None), getattr(u, "key", None),
                      tuple(getattr(u, "payload", {}))) for u in program.upload)
-    return models, phases, uploads, program.keep
+    return models, phases, uploads, program.keep, program.keep_state is not None
 
 
 def _model_issue(model: nn.Module) -> str | None:
@@ -243,10 +244,11 @@ class Vectorized:
 
     # -- public ---------------------------------------------------------------------------
     def run(self, algorithm: Algorithm, task: Task, jobs: Sequence[Job]) -> list[Result]:
-        # thousands of small objects per round (programs, payload dicts, tensor views) set off
-        # the cyclic garbage collector's full passes over every live tensor: at K = 1000
-        # MLP clients they took about a third of the round; the round makes no cycles that
-        # must die before it ends, so collection waits until it has
+        # A round makes a few small objects per client (its program, keys, payload dicts);
+        # with 1000 clients they set off the cyclic garbage collector's passes over every
+        # live object many times a round. Measured (digits, K = 1000, round time including
+        # the collection that follows): CNN 138-172 ms paused vs 181-205 ms not, MLP 68-72
+        # vs 87-98 ms. Nothing in a round needs a cycle collected before it ends.
         enabled = gc.isenabled()
         gc.disable()
         try:
@@ -539,14 +541,14 @@ class Vectorized:
         """The clients' updates from the stacked trained state (diverged clients rerun)."""
         lead = items[0].program
         out: dict[int, Result] = {}
-        ok = [i for i in range(len(items)) if bool(finite[i])]
-        for i in range(len(items)):
-            if not bool(finite[i]):  # diverged: the reference run raises the same error at the same step
+        finite_l = finite.tolist()  # one conversion, not one tensor read per client
+        ok = [i for i, f in enumerate(finite_l) if f]
+        for i, f in enumerate(finite_l):
+            if not f:  # diverged: the reference run raises the same error at the same step
                 out[items[i].pos] = _reference(task, items[i].client, items[i].program)
         if not ok:
             return out
-        index = torch.tensor(ok)
-        rows = state if len(ok) == len(items) else _rows(state, index.to(task.device))
+        rows = state if len(ok) == len(items) else _rows(state, torch.tensor(ok, device=task.device))
         parts: list[list[Payload]] = [[{} for _ in lead.upload] for _ in ok]
         per_client = []
         for j, up in enumerate(lead.upload):
@@ -556,7 +558,9 @@ class Vectorized:
                     parts[r][j] = d
             else:
                 per_client.append(j)
-        if per_client:
+        keep_state = lead.keep_state is not None
+        kept_by_fn: dict[int, ClientState] = {}
+        if per_client or keep_state:
             models = {name: copy.deepcopy(t) for name, t in templates.items()}
             targets = {name: m.state_dict(keep_vars=True) for name, m in models.items()}
             for r, i in enumerate(ok):
@@ -569,6 +573,9 @@ class Vectorized:
                 try:
                     for j in per_client:
                         parts[r][j] = items[i].program.upload[j].make(models)
+                    fn = items[i].program.keep_state
+                    if fn is not None:
+                        kept_by_fn[r] = fn(models, ClientState({m: tree.state_of(models[m]) for m in lead.keep}))
                 except Exception as e:
                     out[items[i].pos] = ClientFailure(items[i].client.id, f"{type(e).__name__}: {e}",
                                                       traceback.format_exc())
@@ -578,13 +585,17 @@ class Vectorized:
             it, total = items[i], totals_l[i]
             if it.pos in out:
                 continue
-            payload: Payload = {}
-            for part in parts[r]:
-                payload.update(part)
+            if len(parts[r]) == 1:
+                payload = parts[r][0]  # made for this client alone (no copy needed)
+            else:
+                payload = {}
+                for part in parts[r]:
+                    payload.update(part)
             steps = [len(b) for b in it.batches]
             metrics = {name: total[p] / max(steps[p], 1) for p, name in enumerate(names)}
             metrics["steps"] = float(sum(steps))
             kept = (ClientState({m: {n: v[r].clone() for n, v in rows[m].items()} for m in it.program.keep})
                     if it.program.keep else None)
+            kept = kept_by_fn.get(r, kept)
             out[it.pos] = ClientUpdate(it.client.id, len(it.client.data), payload, metrics, kept)
         return out

@@ -1,0 +1,66 @@
+"""Client programs: declaration errors, phase metrics, typed client state, the runner by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_task
+from toy_algorithms import ToyClientState
+
+from kdfl import config as config_mod
+from kdfl import experiment
+from kdfl.algorithms.program import Data, Delta, Logits, Model, Phase, Program, run_program
+from kdfl.losses import CrossEntropy
+from kdfl.simulation.engine import Engine, RunSettings
+from kdfl.simulation.executors import Sequential
+from kdfl.simulation.vectorized import Vectorized
+from kdfl.train import LocalSGD
+from kdfl.types import Client, KdflError
+
+ONE_STEP = LocalSGD(epochs=1, batch_size=8, lr=1.0)
+
+
+def test_program_declaration_errors():
+    w = {"weight": torch.zeros(2, 2)}
+    with pytest.raises(KdflError, match=r"uses models \['peer'\]"):
+        Program({"model": Model("linear", w)}, [Phase(CrossEntropy("peer"), ONE_STEP, train=("peer",))])
+    with pytest.raises(KdflError, match=r"keeps models \['own'\]"):
+        Program({"model": Model("linear", w)}, [Phase(CrossEntropy(), ONE_STEP)], keep=("own",))
+    with pytest.raises(KdflError, match="target 'q' has 2 rows but x has 3"):
+        Data(torch.zeros(3, 2), targets={"q": torch.zeros(2, 2)})
+
+
+def test_one_program_by_hand():
+    # the FedAvg round of tests/core/test_baselines.py, written as a program: W = 0, one SGD
+    # step at lr 1 on client 1 (x = [0, 2], y = 1, 3 samples): grad of CE = (p - onehot) x^T
+    # = [[0, 1], [0, -1]] -> W = [[0, -1], [0, 1]]; logits on x = [0, 2]: [-2, 2]
+    task, parts = tiny_task()
+    client = Client(1, task.train.subset(parts[1]), "linear", 1, seed=0)
+    start = {"weight": torch.zeros(2, 2)}
+    program = Program({"model": Model("linear", start)}, [Phase(CrossEntropy(), ONE_STEP)],
+                      upload=[Delta(start), Logits(torch.tensor([[0.0, 2.0]]))], keep=("model",))
+    u = run_program(task, client, program)
+    torch.testing.assert_close(u.payload["delta.weight"], torch.tensor([[0.0, -1.0], [0.0, 1.0]]))
+    torch.testing.assert_close(u.payload["logits"], torch.tensor([[-2.0, 2.0]]))
+    assert u.metrics == {"train_loss": pytest.approx(float(torch.log(torch.tensor(2.0)))), "steps": 1.0}
+    torch.testing.assert_close(u.client_state.models["model"]["weight"], torch.tensor([[0.0, -1.0], [0.0, 1.0]]))
+    assert list(u.payload) == ["delta.weight", "logits"]  # uploads merge in order
+
+
+def test_phases_report_their_losses_and_the_total_steps():
+    cfg = config_mod.load(None, ["algorithm.name=toy_algorithms:ToyMutual", "data.name=digits", "data.num_clients=3",
+                                 "data.proxy=holdout", "data.proxy_size=40", "model.arch=mlp:hidden=16",
+                                 "local.epochs=1", "local.batch_size=32", "run.rounds=3", "local.lr=0.01"])
+    hist = experiment.run(cfg)
+    for r, rec in enumerate(hist.records, start=1):
+        assert rec["digest_loss"] > 0 and rec["private_loss"] > 0 and "train_loss" not in rec
+        assert rec["client_rounds_max"] == r  # the typed client state counted the client's rounds
+    fed = experiment.build(cfg)
+    engine = Engine(fed.algorithm, fed.task, fed.partitions, RunSettings(rounds=1))
+    state = fed.algorithm.init(fed.task)
+    clients = [engine.client(c, 1, ToyClientState({}, rounds=4)) for c in range(3)]
+    jobs = [(c, fed.algorithm.configure(fed.task, state, c.info)) for c in clients]
+    for ex in (Sequential(), Vectorized()):
+        for u in ex.run(fed.algorithm, fed.task, jobs):
+            assert isinstance(u.client_state, ToyClientState) and u.client_state.rounds == 5
+            assert u.metrics["steps"] == 2 + -(-len(fed.partitions[u.client_id]) // 32)  # digest 2 + private
