@@ -161,3 +161,26 @@ def test_configure_sees_what_the_server_knows():
     task, parts = blob_task()
     hist = Engine(SeesOnlyInfo(local=LOCAL), task, parts, RunSettings(rounds=1)).run()
     assert hist.records[0]["failed"] == [] and hist.summary["final_accuracy"] > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Overflowing(FedAvg):
+    """Client 0's delta is too large for the fp16 uplink codec."""
+
+    def client_program(self, task, downlink, client):
+        program = super().client_program(task, downlink, client)
+        if client.id != 0:
+            return program
+        delta = program.upload[0]
+        return dataclasses.replace(program, upload=[Custom(lambda models: {
+            k: v * 1e9 if v.is_floating_point() else v for k, v in delta.make(models).items()})])
+
+
+def test_a_client_that_cannot_encode_its_upload_is_a_failed_client(caplog):
+    from kdfl.transport import codec_of
+
+    task, parts = blob_task()
+    hist = Engine(Overflowing(local=LOCAL), task, parts, RunSettings(rounds=1), uplink_codec=codec_of("fp16")).run()
+    rec = hist.records[0]
+    assert rec["failed"] == [0] and rec["rejected"] == []  # the run went on with the others
+    assert "cannot encode its upload" in caplog.text and "float16" in caplog.text
