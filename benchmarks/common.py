@@ -28,11 +28,25 @@ def _run(job: Job) -> dict[str, Any]:
     t0 = time.perf_counter()
     hist = experiment.run(cfg)
     evals = [r for r in hist.records if "accuracy" in r]
+    client_evals = [r for r in hist.records if "client_eval" in r]
     return {
         "data": data, "method": method, "seed": seed, "summary": hist.summary,
         "curve": [(r["round"], r["accuracy"]) for r in evals], "seconds": time.perf_counter() - t0,
         "overrides": list(overrides),
+        # per-client metrics: the mean over clients per evaluated round, and the last evaluation
+        "client_curve": [(r["round"], r.get("client_accuracy_mean", r.get("client_test_accuracy_mean")))
+                         for r in client_evals],
+        "client_eval": hist.clients.get("client_eval"),  # the final per-client evaluation
+        "client_archs": list(cfg_archs(cfg)),
     }
+
+
+def cfg_archs(cfg: dict[str, Any]) -> list[str]:
+    """Each client's architecture, as the run assigned them."""
+    from kdfl.experiment import assign_archs
+
+    m = cfg["model"]
+    return assign_archs(cfg["data"]["num_clients"], m["arch"], list(m["client_archs"]), m["assign"])
 
 
 def run_jobs(jobs: Sequence[Job], workers: int, log_path: Path | None = None) -> list[dict[str, Any]]:
@@ -59,8 +73,11 @@ def run_jobs(jobs: Sequence[Job], workers: int, log_path: Path | None = None) ->
     it = pool.map(_run, jobs) if pool is not None else map(_run, jobs)
     for res in it:
         results.append(res)
-        print(f"  done {res['data']:8s} {res['method']:28s} seed {res['seed']}: final "
-              f"{res['summary']['final_accuracy']:.4f} in {res['seconds']:.0f} s", file=sys.stderr, flush=True)
+        s = res["summary"]
+        shown = (f"final {s['final_accuracy']:.4f}" if s.get("final_accuracy") is not None else
+                 f"client mean {s.get('client_accuracy_mean') or s.get('client_test_accuracy_mean') or math.nan:.4f}")
+        print(f"  done {res['data']:8s} {res['method']:28s} seed {res['seed']}: {shown} in {res['seconds']:.0f} s",
+              file=sys.stderr, flush=True)
         if log_path is not None:
             with open(log_path, "a") as f:
                 f.write(json.dumps(res) + "\n")

@@ -40,18 +40,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     hist = experiment.run(cfg, out=out, resume=args.resume, on_round=on_round)
     bar.close()
     s = hist.summary
+    if s["final_accuracy"] is not None:
+        head = (f"final test accuracy {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f}, "
+                f"ECE {s['final_ece']:.4f})")
+    else:
+        head = "no global model (per-client metrics below)"
     print(
-        f"final test accuracy {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f}, ECE {s['final_ece']:.4f}) "
-        f"after {s['rounds']} rounds; uplink {s['uplink_bytes_per_client_round'] / 1e6:.4f} MB and downlink "
+        f"{head} after {s['rounds']} rounds; uplink {s['uplink_bytes_per_client_round'] / 1e6:.4f} MB and downlink "
         f"{s['downlink_bytes_per_client_round'] / 1e6:.4f} MB per client per round; {s['wall_seconds']:.1f} s"
     )
-    if s["target_accuracy"] is not None:
+    if s.get("client_accuracy_mean") is not None:
+        print(f"client accuracy (held-out, {len_clients(hist)} clients): mean {s['client_accuracy_mean']:.4f}, "
+              f"worst 10 % {s['client_accuracy_worst10']:.4f}, best {s['client_accuracy_best']:.4f}")
+    elif s.get("client_test_accuracy_mean") is not None:
+        print(f"client models on the test set: mean {s['client_test_accuracy_mean']:.4f}, worst 10 % "
+              f"{s['client_test_accuracy_worst10']:.4f} (set data.client_holdout > 0 for held-out accuracy)")
+    if s["target_accuracy"] is not None and s["final_accuracy"] is not None:
         print(f"rounds to target accuracy {s['target_accuracy']}: {s['rounds_to_target'] or 'not reached'}")
     if out is not None:
         print(f"run directory: {out}")
     if args.json:
         print(json.dumps(s))
     return 0
+
+
+def len_clients(hist: Any) -> int:
+    ce = hist.clients.get("client_eval", {})
+    return len(set(ce.get("clients", [])) - set(ce.get("malicious", [])))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

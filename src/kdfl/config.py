@@ -4,7 +4,8 @@ Sections and their keys::
 
     [run]        seed, rounds, clients_per_round, eval_every, target_accuracy, dropout,
                  checkpoint_every, executor, device, threads (torch threads; 0 = torch's default)
-    [data]       name, data_dir, num_clients, proxy, proxy_size, val_size, + data set options
+    [data]       name, data_dir, num_clients, proxy, proxy_size, val_size, client_holdout
+                 (share of each client's data held out for per-client accuracy), + data set options
     [partition]  name, + partition parameters (alpha, min_size, classes_per_client, ...)
     [model]      arch, client_archs, assign
     [local]      epochs, steps, batch_size, lr, momentum, weight_decay, optimizer
@@ -43,7 +44,8 @@ Config = dict[str, dict[str, Any]]
 
 DEFAULTS: Config = {
     "run": {"seed": 0, "executor": "sequential", "device": "cpu", "threads": 0},
-    "data": {"name": "digits", "data_dir": "", "num_clients": 20, "proxy": "none", "proxy_size": 0, "val_size": 0},
+    "data": {"name": "digits", "data_dir": "", "num_clients": 20, "proxy": "none", "proxy_size": 0, "val_size": 0,
+             "client_holdout": 0.0},
     "partition": {"name": "dirichlet", "alpha": 0.5},
     "model": {"arch": "mlp", "client_archs": [], "assign": "round_robin"},
     "local": {},
@@ -52,7 +54,8 @@ DEFAULTS: Config = {
     "compression": {"uplink": "fp32", "downlink": "fp32"},
 }
 _RUN_EXTRA = {"seed": int, "executor": str, "device": str, "threads": int}
-_DATA_FIXED = {"name": str, "data_dir": str, "num_clients": int, "proxy": str, "proxy_size": int, "val_size": int}
+_DATA_FIXED = {"name": str, "data_dir": str, "num_clients": int, "proxy": str, "proxy_size": int, "val_size": int,
+               "client_holdout": float}
 _MODEL = {"arch": str, "client_archs": list, "assign": str}
 ATTACK_INPUTS = {"x", "malicious", "rng", "y", "num_classes"}  # supplied by the engine, not the config
 
@@ -241,6 +244,9 @@ def validate(raw: dict[str, Any]) -> Config:
            lambda spec: {} if spec is None else function_hints(spec.fn, ATTACK_INPUTS))
     if cfg["model"]["assign"] not in ("round_robin", "blocks"):
         raise KdflError(f"model.assign must be 'round_robin' or 'blocks', got {cfg['model']['assign']!r}")
+    if not 0 <= cfg["data"]["client_holdout"] < 1:
+        raise KdflError(f"data.client_holdout must be in [0, 1) (0 = no per-client held-out split), "
+                        f"got {cfg['data']['client_holdout']}")
     if cfg["data"]["num_clients"] < 1:
         raise KdflError(f"data.num_clients must be >= 1, got {cfg['data']['num_clients']}")
     if not 0 <= cfg["attack"]["fraction"] < 0.5:

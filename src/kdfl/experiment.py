@@ -31,7 +31,8 @@ class Federation:
     task: Task
     partitions: list[np.ndarray]
     algorithm: Any
-    label_counts: np.ndarray  # (clients, C)
+    label_counts: np.ndarray  # (clients, C) of the training rows
+    holdouts: list[np.ndarray] | None = None  # per-client held-out rows (data.client_holdout > 0)
 
 
 def assign_archs(num_clients: int, arch: str, archs: list[str], assign: str) -> list[str]:
@@ -49,7 +50,7 @@ def build(cfg: Config) -> Federation:
     from kdfl import models
     from kdfl.algorithms import build_algorithm
     from kdfl.attacks import choose_malicious
-    from kdfl.data import label_counts, load, make_partition, make_splits
+    from kdfl.data import hold_out, label_counts, load, make_partition, make_splits
 
     run, data, part = cfg["run"], cfg["data"], cfg["partition"]
     seed = run["seed"]
@@ -63,6 +64,9 @@ def build(cfg: Config) -> Federation:
     params = {k: v for k, v in part.items() if k != "name"}
     labels = splits.train.y.numpy()
     parts = make_partition(part["name"], labels, data["num_clients"], seed, natural=splits.natural_partition, **params)
+    holdouts = None
+    if data["client_holdout"] > 0:
+        parts, holdouts = hold_out(labels, parts, data["client_holdout"], seed)
 
     mcfg = cfg["model"]
     archs = assign_archs(data["num_clients"], mcfg["arch"], list(mcfg["client_archs"]), mcfg["assign"])
@@ -81,11 +85,11 @@ def build(cfg: Config) -> Federation:
         train=splits.train, test=splits.test, proxy=splits.proxy, val=splits.val,
         num_classes=classes, input_shape=shape, server_arch=mcfg["arch"], client_archs=archs,
         build_model=functools.partial(models.build, input_shape=shape, num_classes=classes),
-        seed=seed, device=device, malicious=malicious,
+        seed=seed, device=device, malicious=malicious, proxy_labels=splits.proxy_labels,
     )
     acfg = {k: v for k, v in cfg["algorithm"].items() if k != "name"}
     algorithm = build_algorithm(cfg["algorithm"]["name"], LocalSGD(**cfg["local"]), acfg)
-    return Federation(cfg, task, parts, algorithm, label_counts(labels, parts, classes))
+    return Federation(cfg, task, parts, algorithm, label_counts(labels, parts, classes), holdouts)
 
 
 RESUMABLE_CHANGES = {("run", "rounds")}  # what a resume may change: extending (or ending) a run early
@@ -160,7 +164,7 @@ def run(
         fed.algorithm, fed.task, fed.partitions, settings,
         executor=executor,
         threat=make_threat(cfg["attack"], fed.task.num_classes),
-        run_dir=run_dir, on_round=on_round,
+        run_dir=run_dir, on_round=on_round, holdouts=fed.holdouts,
         uplink_codec=codec_of(cfg["compression"]["uplink"]),
         downlink_codec=codec_of(cfg["compression"]["downlink"]),
     )

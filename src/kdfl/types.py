@@ -157,6 +157,8 @@ class Task:
         seed: run seed.
         device: where training runs.
         malicious: ids of the Byzantine clients (fixed for the run).
+        proxy_labels: (N,) labels of the proxy rows when the public set is labeled
+            (``data.proxy = "holdout"``), else None.
     """
 
     train: TensorData
@@ -171,6 +173,7 @@ class Task:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     malicious: frozenset[int] = frozenset()
+    proxy_labels: Tensor | None = None
     _scratch: dict[str, list[nn.Module]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def new_model(self, arch: str | None = None, seed: int | None = None) -> nn.Module:

@@ -92,6 +92,10 @@ class ToyMutual:
         q = state.consensus if state.consensus is not None else torch.zeros(len(idx), task.num_classes)
         return {**{W + k: v for k, v in state.params.items()}, "consensus": q}
 
+    def client_model(self, task, downlink, client):
+        """Per-client metrics: the client's own (private) model."""
+        return Model(client.arch, client.kept("own") or fresh_weights(task, client.id, client.arch))
+
     def client_program(self, task, downlink, client):
         shared = {k[len(W):]: v for k, v in downlink.items() if k.startswith(W)}
         rounds = 1 + (client.state.rounds if isinstance(client.state, ToyClientState) else 0)

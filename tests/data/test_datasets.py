@@ -220,6 +220,7 @@ def test_failed_download_gives_the_fix(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(datasets.urllib.request, "urlopen", offline)
+    monkeypatch.setitem(datasets.SYSTEM_DIRS, "fashion_mnist", [])  # not Debian's copy either
     with pytest.raises(KdflError, match="download failed.*no network.*--data-dir"):
         load("fashion_mnist", data_dir=tmp_path, download=True)
     assert not list(tmp_path.glob("*.part"))  # no half file left behind
@@ -278,3 +279,32 @@ def test_fashion_mnist_corrupt(fmnist_dir, monkeypatch, damage):
     monkeypatch.setitem(datasets.CHECKSUMS, name, hashlib.md5(data).hexdigest())
     with pytest.raises(KdflError, match=f"{name}.*corrupt"):
         load("fashion_mnist", data_dir=root, download=False)
+
+
+def test_fashion_mnist_recompressed_copy_accepted_by_its_content(fmnist_dir, monkeypatch):
+    """Debian recompresses the archives: the archive MD5 differs, the decompressed one is official."""
+    root, w = fmnist_dir
+    name = "train-images-idx3-ubyte.gz"
+    content = gzip.decompress((root / name).read_bytes())
+    monkeypatch.setitem(datasets.CONTENT_CHECKSUMS, name, hashlib.md5(content).hexdigest())
+    (root / name).write_bytes(gzip.compress(content, compresslevel=1, mtime=12345))  # another archive
+    assert hashlib.md5((root / name).read_bytes()).hexdigest() != datasets.CHECKSUMS[name]
+    assert load("fashion_mnist", data_dir=root, download=False).train.x.shape == (7, 1, 28, 28)
+    monkeypatch.setitem(datasets.CONTENT_CHECKSUMS, name, "0" * 32)  # altered content: still refused
+    with pytest.raises(KdflError, match="checksum mismatch"):
+        load("fashion_mnist", data_dir=root, download=False)
+
+
+def test_fashion_mnist_found_in_a_system_directory(fmnist_dir, tmp_path_factory, monkeypatch):
+    root, _ = fmnist_dir
+    monkeypatch.setitem(datasets.SYSTEM_DIRS, "fashion_mnist", [root])
+    empty = tmp_path_factory.mktemp("empty")
+    assert len(load("fashion_mnist", data_dir=empty, download=False).train) == 7
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+def test_debian_fashion_mnist_is_the_official_data(tmp_path):
+    b = load("fashion_mnist", data_dir=tmp_path, download=False)  # found in /usr/share, checked by content
+    assert len(b.train) == 60000 and len(b.test) == 10000
+    assert np.bincount(b.train.y.numpy()).tolist() == [6000] * 10

@@ -20,6 +20,7 @@ from kdfl.algorithms.fedavgm import FedAvgM
 from kdfl.algorithms.feddf import FedDF
 from kdfl.algorithms.fedema_distill import FedEMADistill
 from kdfl.algorithms.fedprox import FedProx
+from kdfl.algorithms.local import Local
 from kdfl.registry import Registry
 from kdfl.train import LocalSGD
 from kdfl.types import KdflError
@@ -30,6 +31,7 @@ ALGORITHMS: Registry[type[Any]] = Registry("algorithm", {
     "fedavgm": FedAvgM,
     "feddf": FedDF,
     "fedema_distill": FedEMADistill,
+    "local": Local,
 })
 
 REQUIRED = ("init", "configure", "client_program", "validate", "server_update")
@@ -106,5 +108,5 @@ def build_algorithm(name: str, local: LocalSGD, options: Mapping[str, Any]) -> A
         raise KdflError(f"algorithm {name!r}: {e}") from None
 
 
-__all__ = ["ALGORITHMS", "FedAvg", "FedAvgM", "FedDF", "FedEMADistill", "FedProx", "build_algorithm", "register",
+__all__ = ["ALGORITHMS", "FedAvg", "FedAvgM", "FedDF", "FedEMADistill", "FedProx", "Local", "build_algorithm", "register",
            "resolve"]

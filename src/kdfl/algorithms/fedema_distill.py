@@ -177,6 +177,13 @@ class FedEMADistill:
         return Program(models={MAIN: Model(client.arch, weights)}, phases=[Phase(CrossEntropy(), self.local)],
                        upload=upload, keep=(MAIN,) if stateful else ())
 
+    def client_model(self, task: Task, downlink: Payload, client: Client) -> Model:
+        """The EMA weights for a client that receives them, else its own kept model."""
+        weights = {k[len(W) :]: v for k, v in downlink.items() if k.startswith(W)}
+        if weights:
+            return Model(client.arch, weights)
+        return Model(client.arch, client.kept(MAIN) or fresh_weights(task, client.id, client.arch))
+
     # -- server: validate and update -------------------------------------------------
     def validate(self, task: Task, state: ServerState, update: ClientUpdate) -> None:
         z = update.payload.get("logits")

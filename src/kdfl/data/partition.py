@@ -257,3 +257,36 @@ def format_label_table(counts: np.ndarray, max_classes: int = 20) -> str:
     widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     return "\n".join(lines)
+
+
+def hold_out(labels: np.ndarray, parts: Sequence[np.ndarray], fraction: float,
+             seed: int) -> tuple[Partition, Partition]:
+    """Split every client's rows into (train, held-out) with the client's own label mix.
+
+    For each client and each label it holds ``m`` samples of, ``round(fraction * m)`` of
+    them (drawn from the client's own generator) are held out, but never all of them: a
+    label with one sample stays in training, and at least one sample of every held label
+    is trained on. The held-out split measures a client's (personal) model on data from
+    its own distribution, as PFLlib and FL-bench do.
+
+    Returns:
+        (train parts, held-out parts), each one sorted index array per client.
+    """
+    if not 0 <= fraction < 1:
+        raise KdflError(f"data.client_holdout must be in [0, 1) (the share of each client's data held out "
+                        f"for its per-client accuracy), got {fraction}")
+    labels = np.asarray(labels)
+    train, held = [], []
+    for cid, part in enumerate(parts):
+        rng = np.random.default_rng([seed, 0x401D, cid])
+        part = np.asarray(part, dtype=np.int64)
+        out: list[np.ndarray] = []
+        for lab in np.unique(labels[part]):
+            rows = part[labels[part] == lab]
+            h = min(int(round(fraction * len(rows))), len(rows) - 1)
+            if h > 0:
+                out.append(rng.choice(rows, h, replace=False))
+        mask = np.isin(part, np.concatenate(out)) if out else np.zeros(len(part), dtype=bool)
+        train.append(np.sort(part[~mask]))
+        held.append(np.sort(part[mask]))
+    return train, held

@@ -37,6 +37,9 @@ class Splits:
         train: the training pool left for the clients.
         test: the global test set.
         proxy: (N, *input_shape) unlabeled inputs, or None.
+        proxy_labels: (N,) labels of the proxy rows when they are known (a ``holdout``
+            proxy keeps its labels for algorithms with a labeled public set, such as
+            FedMD's transfer learning), else None.
         val: labeled server validation slice, or None.
         natural_partition: the bundle's natural partition re-indexed into ``train``
             (samples moved to proxy/val dropped), or None.
@@ -49,6 +52,7 @@ class Splits:
     val: TensorData | None
     natural_partition: list[np.ndarray] | None = None
     train_index: np.ndarray | None = None
+    proxy_labels: torch.Tensor | None = None
 
 
 def make_splits(bundle: DataBundle, *, proxy: str = "holdout", proxy_size: int = 0, val_size: int = 0,
@@ -91,8 +95,10 @@ def make_splits(bundle: DataBundle, *, proxy: str = "holdout", proxy_size: int =
     x = bundle.train.x
 
     proxy_x: torch.Tensor | None
+    proxy_y: torch.Tensor | None = None
     if kind == "holdout":
         proxy_x = x[torch.from_numpy(np.sort(proxy_idx))] if held else None
+        proxy_y = bundle.train.y[torch.from_numpy(np.sort(proxy_idx))] if held else None
         if not held:
             log.info("proxy='holdout' with proxy_size=0: no proxy set")
     elif kind == "noise":
@@ -122,6 +128,7 @@ def make_splits(bundle: DataBundle, *, proxy: str = "holdout", proxy_size: int =
         val=val,
         natural_partition=natural,
         train_index=keep,
+        proxy_labels=proxy_y,
     )
 
 

@@ -10,6 +10,9 @@ Messages from :mod:`kdfl.flower.server_app`:
   :class:`~kdfl.types.Client` (same seed derivation), runs the algorithm's client program
   and replies with ``payload`` (ArrayRecord: the packed upload, native dtypes),
   ``metrics`` (MetricRecord: ``num-examples`` and train metrics) and ``config``.
+- ``evaluate``: the same content (the downlink the client would get next round); the app
+  evaluates the client's model on its held-out split and the test set (per-client
+  metrics) and replies with ``metrics``.
 
 Stateful clients keep ``ClientUpdate.client_state`` in ``context.state``. A malicious
 node (its id in the run's malicious set) poisons its labels (``label_flip``) or tampers
@@ -33,8 +36,10 @@ from kdfl.flower.records import (
     record_to_payload,
     save_client_state,
 )
+from kdfl.simulation.clients import evaluate_client
+from kdfl.simulation.engine import make_client
 from kdfl.transport import pack, unpack
-from kdfl.types import KdflError
+from kdfl.types import ClientInfo, KdflError
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +107,31 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def evaluate(msg: Message, context: Context) -> Message:
+    """Per-client metrics: this node's model (what the algorithm's ``client_model`` makes
+    of the downlink and the kept state) on its held-out split and on the test set."""
+    torch.set_num_threads(1)
+    conf = msg.content.config_records["config"]
+    p = prepare_text(str(conf["kdfl-config"]))
+    pid, n = node_partition(context)
+    check_partition(pid, n, p)
+    cid, round_num = int(conf["client-id"]), int(conf["round"])  # type: ignore[arg-type]
+    if cid != pid:
+        raise KdflError(f"the server addressed client {cid} but this node holds partition-id={pid}")
+    stored = load_client_state(context.state.get(STATE_KEY))
+    info = ClientInfo(cid, p.fed.task.client_archs[cid], round_num)
+    client = make_client(p.fed.task, p.engine.partitions[cid], info, stored, None)
+    downlink = unpack(record_to_payload(msg.content.array_records["payload"]), p.downlink_codec)
+    result = evaluate_client(p.fed.algorithm, p.fed.task, downlink, client, p.engine.holdout(cid))
+    return Message(RecordDict({"metrics": MetricRecord({f"m.{k}": float(v) for k, v in result.items()})}),
+                   reply_to=msg)
+
+
 def make_client_app() -> ClientApp:
     """A ClientApp running the client half of the algorithm named in the server's config."""
     app = ClientApp()
     app.train()(train)
+    app.evaluate()(evaluate)
     app.query("kdfl_partition")(query_partition)
     return app
 

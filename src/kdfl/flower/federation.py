@@ -105,7 +105,7 @@ def prepare(cfg: Config) -> Prepared:
     keys = set(RunSettings.__dataclass_fields__)
     settings = RunSettings(**{k: v for k, v in cfg["run"].items() if k in keys})
     up, down = codec_of(cfg["compression"]["uplink"]), codec_of(cfg["compression"]["downlink"])
-    engine = Engine(fed.algorithm, fed.task, fed.partitions, settings, threat=threat,
+    engine = Engine(fed.algorithm, fed.task, fed.partitions, settings, threat=threat, holdouts=fed.holdouts,
                     uplink_codec=up, downlink_codec=down)
     p = Prepared(cfg, text, fed, engine, threat, up, down)
     _CACHE.clear()  # one config per process is the normal case; do not keep old data sets alive

@@ -47,7 +47,7 @@ from kdfl.flower.federation import (
 )
 from kdfl.flower.records import nbytes, payload_to_record, record_to_payload
 from kdfl.simulation.engine import History
-from kdfl.simulation.rounds import Exchange, Reply, summarize
+from kdfl.simulation.rounds import Exchange, Reply, final_client_eval, summarize
 from kdfl.simulation.rounds import run_round as drive_round
 from kdfl.transport import pack, unpack
 from kdfl.types import ClientInfo, KdflError, Payload, PayloadError, ServerState
@@ -126,6 +126,33 @@ class FlowerTransport:
                                  reject=reject))
         return Exchange(down_bytes, replies, {"uplink_record_bytes": int(sum(record_bytes))})
 
+    def evaluate(self, round_num: int, jobs: Sequence[tuple[ClientInfo, Payload]]) -> list[dict[str, float]]:
+        """Per-client metrics: one EVALUATE message per client (the downlink ``configure``
+        gives it for the next round); each node evaluates its model on its held-out split
+        and the test set. Not counted as training traffic. A node that does not answer
+        reports nothing (logged)."""
+        p = self.p
+        msgs, cache = [], {}
+        for info, payload in jobs:
+            if id(payload) not in cache:
+                cache[id(payload)] = (payload_to_record(pack(payload, p.downlink_codec)), payload)
+            conf = ConfigRecord({"round": round_num + 1, "client-id": info.id, "kdfl-config": p.text})
+            msgs.append(Message(RecordDict({"payload": cache[id(payload)][0], "config": conf}),
+                                dst_node_id=self.nodes[info.id], message_type=MessageType.EVALUATE,
+                                group_id=f"eval-{round_num}"))
+        got = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(msgs, timeout=self.timeout)}
+        out: list[dict[str, float]] = []
+        for info, _ in jobs:
+            reply = got.get(self.nodes[info.id])
+            if reply is None or reply.has_error():
+                log.warning("round %d: client %d did not report its evaluation: %s", round_num, info.id,
+                            "no reply" if reply is None else reply.error.reason)
+                out.append({})
+                continue
+            m = reply.content.metric_records["metrics"]
+            out.append({k[2:]: float(v) for k, v in m.items() if k.startswith("m.")})  # type: ignore[arg-type]
+        return out
+
 
 def run_round(
     grid: Grid, p: Prepared, nodes: Mapping[int, int], state: ServerState, round_num: int,
@@ -161,9 +188,12 @@ def run(grid: Grid, cfg: Config, out: str | Path | None = None, wait_s: float = 
         if on_round is not None:
             on_round(record)
     hist.state = state
-    hist.summary = summarize(hist.records, p.engine.settings.target_accuracy)
+    hist.clients = final_client_eval(p.fed.algorithm, p.fed.task, state, hist.records, p.num_clients,
+                                     FlowerTransport(grid, p, nodes))
+    hist.summary = summarize(hist.records, p.engine.settings.target_accuracy, hist.clients)
     if run_dir is not None:
         (run_dir / "summary.json").write_text(json.dumps(hist.summary, indent=2) + "\n")
+        (run_dir / "clients.json").write_text(json.dumps(hist.clients) + "\n")
         torch.save(state.params, run_dir / "params.pt")
     return hist
 

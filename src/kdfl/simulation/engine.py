@@ -14,9 +14,10 @@ decoded is rejected with a reason; the round goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from kdfl import wire
 from kdfl.compression import Codec
 from kdfl.rng import derive
 from kdfl.simulation import checkpoint
+from kdfl.simulation.clients import ClientStore
 from kdfl.simulation.executors import ClientFailure, Executor, Sequential
 from kdfl.simulation.rounds import (  # noqa: F401  (re-exported: the engine's public names)
     Exchange,
@@ -36,6 +38,7 @@ from kdfl.simulation.rounds import (  # noqa: F401  (re-exported: the engine's p
     RunSettings,
     accept_upload,
     evaluate_state,
+    final_client_eval,
     round_record,
     run_round,
     summarize,
@@ -52,6 +55,7 @@ from kdfl.types import (
     PayloadError,
     ServerState,
     Task,
+    TensorData,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,7 @@ class History:
     records: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     state: ServerState | None = None
+    clients: dict[str, Any] = field(default_factory=dict)  # the final per-client metrics
 
 
 def make_client(task: Task, rows: Tensor, info: ClientInfo, state: ClientState | None,
@@ -98,34 +103,64 @@ class LocalTransport:
 
     def __init__(self, algorithm: Algorithm, task: Task, partitions: Sequence[Tensor], executor: Executor,
                  threat: Threat | None = None, uplink_codec: Codec | None = None,
-                 downlink_codec: Codec | None = None, states: dict[int, ClientState] | None = None) -> None:
+                 downlink_codec: Codec | None = None, states: MutableMapping[int, ClientState] | None = None,
+                 holdouts: Sequence[Tensor] | None = None) -> None:
         self.algorithm, self.task, self.partitions, self.executor = algorithm, task, partitions, executor
         self.threat, self.uplink_codec, self.downlink_codec = threat, uplink_codec, downlink_codec
-        self.states: dict[int, ClientState] = {} if states is None else states
+        self.states: MutableMapping[int, ClientState] = {} if states is None else states
+        self.holdouts = holdouts
 
-    def exchange(self, round_num: int, jobs: Sequence[tuple[ClientInfo, Payload]]) -> Exchange:
-        # downlink: encode once per distinct payload object, decode on the client side
+    def _downlinks(self, jobs: Sequence[tuple[ClientInfo, Payload]]) -> list[tuple[int, Payload]]:
+        """(bytes, the client's decoding) of each job's downlink, encoded once per distinct payload."""
         cache: dict[int, tuple[int, Payload, Payload]] = {}
-        down_bytes, runs = [], []
-        for info, payload in jobs:
+        out = []
+        for _, payload in jobs:
             if id(payload) not in cache:
                 buf = wire.encode(pack(payload, self.downlink_codec))
                 cache[id(payload)] = (len(buf), unpack(wire.decode(buf), self.downlink_codec), payload)  # keeps id alive
             nb, decoded, _ = cache[id(payload)]
-            down_bytes.append(nb)
-            client = make_client(self.task, self.partitions[info.id], info, self.states.get(info.id), self.threat)
-            runs.append((client, decoded))
+            out.append((nb, decoded))
+        return out
 
-        results = self.executor.run(self.algorithm, self.task, runs)
+    def evaluate(self, round_num: int, jobs: Sequence[tuple[ClientInfo, Payload]]) -> list[dict[str, float]]:
+        """Per-client metrics, each client evaluated in process (not counted as traffic)."""
+        from kdfl.simulation.clients import evaluate_client
+
+        results = []
+        for (info, _), (_, downlink) in zip(jobs, self._downlinks(jobs), strict=True):
+            client = make_client(self.task, self.partitions[info.id], info, self.states.get(info.id), None)
+            holdout = None if self.holdouts is None else self.task.train.subset(self.holdouts[info.id])
+            try:
+                results.append(evaluate_client(self.algorithm, self.task, downlink, client, holdout))
+            except KdflError as e:
+                log.warning("round %d: client %d could not be evaluated: %s", round_num, info.id, e)
+                results.append({})
+        return results
+
+    def exchange(self, round_num: int, jobs: Sequence[tuple[ClientInfo, Payload]]) -> Exchange:
+        # downlink: encode once per distinct payload object, decode on the client side
+        down_bytes, downlinks = [], []
+        for (info, _), (nb, decoded) in zip(jobs, self._downlinks(jobs), strict=True):
+            down_bytes.append(nb)
+            downlinks.append((info, decoded))
+
+        # a store that bounds the states in memory also bounds a round: clients are built and
+        # run in chunks of that size, and each chunk's states go to the store before the next
+        chunk = max(getattr(self.states, "in_memory", 0) or len(downlinks), 1)
         replies: dict[int, Reply] = {}
         updates = []
-        for r in results:
-            if isinstance(r, ClientFailure):
-                replies[r.client_id] = Reply(r.client_id, error=r.error)
-                continue
-            if r.client_state is not None:  # the client keeps what it trained, whatever the server decides
-                self.states[r.client_id] = r.client_state
-            updates.append(r)
+        for lo in range(0, len(downlinks), chunk):
+            runs = [(make_client(self.task, self.partitions[info.id], info, self.states.get(info.id), self.threat),
+                     decoded) for info, decoded in downlinks[lo:lo + chunk]]
+            for r in self.executor.run(self.algorithm, self.task, runs):
+                if isinstance(r, ClientFailure):
+                    replies[r.client_id] = Reply(r.client_id, error=r.error)
+                    continue
+                if r.client_state is not None:  # the client keeps what it trained, whatever the server decides
+                    self.states[r.client_id] = r.client_state
+                    r = dataclasses.replace(r, client_state=None)
+                updates.append(r)
+            del runs
         if self.threat is not None and updates:
             updates = self.threat.tamper(updates, [u.client_id in self.task.malicious for u in updates], round_num,
                                          self.task)
@@ -161,9 +196,12 @@ class Engine:
         on_round: Callable[[dict[str, Any]], None] | None = None,
         uplink_codec: Codec | None = None,
         downlink_codec: Codec | None = None,
+        holdouts: Sequence[np.ndarray] | None = None,
     ) -> None:
         self.algorithm, self.task, self.settings = algorithm, task, settings
         self.partitions = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in partitions]
+        self.holdouts = None if holdouts is None else [torch.as_tensor(np.asarray(h), dtype=torch.long)
+                                                         for h in holdouts]
         self.executor = executor or Sequential()
         self.threat = threat
         self.run_dir = run_dir
@@ -172,9 +210,13 @@ class Engine:
         if len(task.client_archs) != len(self.partitions):
             raise KdflError(f"{len(self.partitions)} partitions but {len(task.client_archs)} client architectures")
 
-    def transport(self, states: dict[int, ClientState]) -> LocalTransport:
+    def transport(self, states: MutableMapping[int, ClientState]) -> LocalTransport:
         return LocalTransport(self.algorithm, self.task, self.partitions, self.executor, self.threat,
-                              self.uplink_codec, self.downlink_codec, states)
+                              self.uplink_codec, self.downlink_codec, states, self.holdouts)
+
+    def holdout(self, cid: int) -> TensorData | None:
+        """Client ``cid``'s held-out split (``data.client_holdout``), or None."""
+        return None if self.holdouts is None else self.task.train.subset(self.holdouts[cid])
 
     def client(self, cid: int, round_num: int, state: ClientState | None = None) -> Client:
         """Client ``cid`` in ``round_num``, as the transport builds it."""
@@ -182,7 +224,7 @@ class Engine:
         return make_client(self.task, self.partitions[cid], info, state, self.threat)
 
     def round(self, state: ServerState, round_num: int,
-              client_states: dict[int, ClientState]) -> tuple[ServerState, dict[str, Any]]:
+              client_states: MutableMapping[int, ClientState]) -> tuple[ServerState, dict[str, Any]]:
         """One round (``client_states`` is updated in place with what clients keep)."""
         return run_round(self.algorithm, self.task, state, round_num, self.settings, len(self.partitions),
                          self.transport(client_states))
@@ -191,13 +233,25 @@ class Engine:
     def run(self, resume: bool = False) -> History:
         """Run all rounds (continuing from the checkpoint when ``resume``)."""
         hist = History()
-        client_states: dict[int, ClientState] = {}
+        in_memory = self.settings.client_states_in_memory
+        store_dir = None if self.run_dir is None else self.run_dir / "client_states"
+        client_states: MutableMapping[int, ClientState] = ClientStore(store_dir, in_memory) if in_memory else {}
         start = 1
         if resume:
             if self.run_dir is None:
                 raise KdflError("resume needs a run directory (--out DIR)")
             ck = checkpoint.load(self.run_dir)
-            state, client_states, hist.records = ck["state"], ck["client_states"], ck["records"]
+            state, hist.records = ck["state"], ck["records"]
+            saved = ck["client_states"]
+            if isinstance(saved, dict) and not in_memory:
+                client_states = saved
+            elif isinstance(saved, dict):  # states were in the checkpoint; keep them in files from now on
+                client_states.update(saved)
+            else:  # ("files", manifest): the states are in run_dir/client_states
+                assert store_dir is not None
+                client_states = ClientStore.open(store_dir, in_memory or 1, saved[1])
+                if not in_memory:
+                    client_states = dict(client_states.items())
             start = ck["round"] + 1
             log.info("resuming after round %d", ck["round"])
         else:
@@ -215,14 +269,21 @@ class Engine:
                     f.write(json.dumps(record) + "\n")
                 every = self.settings.checkpoint_every
                 if every and (r % every == 0 or r == self.settings.rounds):
+                    saved_states: Any = client_states
+                    if isinstance(client_states, ClientStore):  # the files, by name (the checkpoint stays small)
+                        saved_states = ("files", client_states.commit())
                     checkpoint.save(
                         self.run_dir,
-                        {"round": r, "state": state, "client_states": client_states, "records": hist.records},
+                        {"round": r, "state": state, "client_states": saved_states, "records": hist.records},
                     )
             if self.on_round is not None:
                 self.on_round(record)
         hist.state = state
-        hist.summary = summarize(hist.records, self.settings.target_accuracy)
+        clients = final_client_eval(self.algorithm, self.task, state, hist.records, len(self.partitions),
+                                    self.transport(client_states))
+        hist.clients = clients
+        hist.summary = summarize(hist.records, self.settings.target_accuracy, clients)
         if self.run_dir is not None:
             (self.run_dir / "summary.json").write_text(json.dumps(hist.summary, indent=2) + "\n")
+            (self.run_dir / "clients.json").write_text(json.dumps(clients) + "\n")
         return hist

@@ -53,6 +53,11 @@ class RunSettings:
         target_accuracy: accuracy for ``rounds_to_target`` (None: not reported).
         dropout: probability that a sampled client drops out before training.
         checkpoint_every: write a checkpoint every k rounds (0 = never).
+        client_eval_every: also evaluate every client's model (per-client metrics) every k
+            rounds, in the round's record (0 = never); the run always evaluates them after
+            its last round, for the summary.
+        client_states_in_memory: the simulator keeps at most this many stateful clients'
+            states in memory and the rest in files (0 = all in memory).
     """
 
     rounds: int = 10
@@ -61,12 +66,20 @@ class RunSettings:
     target_accuracy: float | None = None
     dropout: float = 0.0
     checkpoint_every: int = 1
+    client_eval_every: int = 0
+    client_states_in_memory: int = 0
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.eval_every < 1 or self.clients_per_round < 0 or self.checkpoint_every < 0:
             raise KdflError("run: rounds and eval_every must be >= 1, clients_per_round and checkpoint_every >= 0")
+        if self.client_eval_every < 0 or self.client_states_in_memory < 0:
+            raise KdflError("run.client_eval_every and run.client_states_in_memory must be >= 0")
         if not 0 <= self.dropout < 1:
             raise KdflError(f"run.dropout must be in [0, 1), got {self.dropout}")
+
+    def client_eval_due(self, round_num: int) -> bool:
+        """Per-client metrics in this round's record (the final ones go to the summary)."""
+        return self.client_eval_every > 0 and round_num % self.client_eval_every == 0
 
 
 @dataclass(frozen=True)
@@ -98,9 +111,13 @@ class Exchange:
 
 
 class Transport(Protocol):
-    """Delivers the downlinks of a round and brings back the clients' replies."""
+    """Delivers the downlinks of a round and brings back the clients' replies; and, for
+    per-client metrics, has every client evaluate the model it would use (the downlink
+    of the job is what ``configure`` gives it for the next round)."""
 
     def exchange(self, round_num: int, jobs: Sequence[tuple[ClientInfo, Payload]]) -> Exchange: ...
+
+    def evaluate(self, round_num: int, jobs: Sequence[tuple[ClientInfo, Payload]]) -> list[dict[str, float]]: ...
 
 
 @dataclass
@@ -132,7 +149,10 @@ def accept_upload(algorithm: Algorithm, task: Task, state: ServerState, update: 
 
 
 def evaluate_state(task: Task, state: ServerState) -> dict[str, float]:
-    """Accuracy, NLL and ECE of the server model ``state.params`` on the test set."""
+    """Accuracy, NLL and ECE of the server model ``state.params`` on the test set; nothing
+    for an algorithm without a global model (empty ``params``: FedMD, FD, local training)."""
+    if not state.params:
+        return {}
     model = task.new_model(task.server_arch)
     model.load_state_dict(state.params)
     return evaluate(model, task.test)
@@ -163,6 +183,29 @@ def round_record(task: Task, state: ServerState, metrics: RoundMetrics, outcome:
     if round_num % settings.eval_every == 0 or round_num == settings.rounds:
         record.update(evaluate_state(task, state))
     return record
+
+
+def client_eval_record(algorithm: Algorithm, task: Task, state: ServerState, round_num: int, num_clients: int,
+                       transport: Transport) -> dict[str, Any]:
+    """Per-client metrics after ``round_num``: every client evaluates its model (see
+    :mod:`kdfl.simulation.clients`). Statistics are over the honest clients (the
+    Byzantine ones are listed but not counted)."""
+    from kdfl.simulation.clients import client_stats
+
+    infos = [ClientInfo(c, task.client_archs[c], round_num + 1) for c in range(num_clients)]
+    results = transport.evaluate(round_num, [(i, algorithm.configure(task, state, i)) for i in infos])
+    ids = [i.id for i, r in zip(infos, results, strict=True) if r]
+    per: dict[str, list[Any]] = {"clients": ids, "malicious": [c for c in ids if c in task.malicious]}
+    for key in ("accuracy", "test_accuracy"):
+        vals = [r[key] for r in results if r and key in r]
+        if len(vals) == len(ids) and ids:
+            per[key] = vals
+    out: dict[str, Any] = {"client_eval": per}
+    honest = [k for k, c in enumerate(ids) if c not in task.malicious]
+    for key, prefix in (("accuracy", "client_accuracy"), ("test_accuracy", "client_test_accuracy")):
+        if key in per:
+            out.update(client_stats([per[key][k] for k in honest], prefix))
+    return out
 
 
 def run_round(algorithm: Algorithm, task: Task, state: ServerState, round_num: int, settings: RunSettings,
@@ -197,17 +240,37 @@ def run_round(algorithm: Algorithm, task: Task, state: ServerState, round_num: i
         state, metrics = dataclasses.replace(state, round=state.round + 1), {}
     record = round_record(task, state, metrics, o, round_num, settings)
     record.update(ex.record)
+    if settings.client_eval_due(round_num):
+        record.update(client_eval_record(algorithm, task, state, round_num, num_clients, transport))
     record["wall_seconds"] = time.perf_counter() - t0
     return state, record
 
 
-def summarize(records: Sequence[dict[str, Any]], target: float | None) -> dict[str, Any]:
-    """The run summary written to ``summary.json``."""
+def final_client_eval(algorithm: Algorithm, task: Task, state: ServerState, records: Sequence[dict[str, Any]],
+                      num_clients: int, transport: Transport) -> dict[str, Any]:
+    """Per-client metrics after the last round: the last record's when it has them, else
+    evaluated now. Kept out of the records so that a run resumed to more rounds has the
+    same records as a straight one."""
+    last = records[-1] if records else {}
+    if "client_eval" in last:
+        return {k: v for k, v in last.items() if k == "client_eval" or k.startswith("client_")} | {
+            "round": last["round"]}
+    out = client_eval_record(algorithm, task, state, state.round, num_clients, transport)
+    return {**out, "round": state.round}
+
+
+def summarize(records: Sequence[dict[str, Any]], target: float | None,
+              clients: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run summary written to ``summary.json``; ``clients`` are the final per-client
+    metrics (:func:`final_client_eval`)."""
     from kdfl import metrics
 
     evals = [r for r in records if "accuracy" in r]
     accs = [r["accuracy"] for r in evals]
     last = evals[-1] if evals else {}
+    per_client: dict[str, Any] = clients or next((r for r in reversed(records) if "client_eval" in r), {})
+    client_keys = [f"{p}_{s}" for p in ("client_accuracy", "client_test_accuracy")
+                   for s in ("mean", "std", "worst10", "best")]
     return {
         "rounds": len(records),
         "final_accuracy": last.get("accuracy"),
@@ -223,4 +286,6 @@ def summarize(records: Sequence[dict[str, Any]], target: float | None) -> dict[s
         "wall_seconds": float(sum(r["wall_seconds"] for r in records)),
         "failed_clients": sum(len(r["failed"]) for r in records),
         "rejected_payloads": sum(len(r["rejected"]) for r in records),
+        **{k: per_client.get(k) for k in client_keys},
+        "client_eval_round": per_client.get("round"),
     }
