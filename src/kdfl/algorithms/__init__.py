@@ -15,6 +15,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kdfl.algorithms.fedad import FedAD
 from kdfl.algorithms.fedavg import FedAvg
 from kdfl.algorithms.fedavgm import FedAvgM
 from kdfl.algorithms.feddf import FedDF
@@ -32,6 +33,7 @@ ALGORITHMS: Registry[type[Any]] = Registry("algorithm", {
     "feddf": FedDF,
     "fedema_distill": FedEMADistill,
     "local": Local,
+    "fedad": FedAD,
 })
 
 REQUIRED = ("init", "configure", "client_program", "validate", "server_update")
@@ -108,5 +110,5 @@ def build_algorithm(name: str, local: LocalSGD, options: Mapping[str, Any]) -> A
         raise KdflError(f"algorithm {name!r}: {e}") from None
 
 
-__all__ = ["ALGORITHMS", "FedAvg", "FedAvgM", "FedDF", "FedEMADistill", "FedProx", "Local", "build_algorithm", "register",
-           "resolve"]
+__all__ = ["ALGORITHMS", "FedAD", "FedAvg", "FedAvgM", "FedDF", "FedEMADistill", "FedProx", "Local",
+           "build_algorithm", "register", "resolve"]
