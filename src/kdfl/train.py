@@ -16,7 +16,7 @@ from kdfl.losses import Batch, Outputs
 from kdfl.types import KdflError, TensorData
 
 if TYPE_CHECKING:
-    from kdfl.algorithms.program import Data, Phase
+    from kdfl.algorithms.program import Data, LabelStats, Phase
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,20 @@ def model_outputs(model: nn.Module, x: Tensor, outputs: frozenset[str]) -> dict[
 
 
 def local_train(
-    models: Mapping[str, nn.Module], phase: Phase, data: Data, generator: torch.Generator
+    models: Mapping[str, nn.Module], phase: Phase, data: Data, generator: torch.Generator,
+    tracked: LabelStats | None = None,
 ) -> dict[str, float]:
     """Run one phase of a client program: train ``phase.train`` of ``models`` in place on
     ``data``; returns ``{"<phase>_loss": mean loss, "steps": steps}``.
 
     The reference loop: executors that batch clients reproduce it (batch order from
     :func:`batch_indices`, the optimizer of :func:`make_optimizer`, the same divergence
-    check).
+    check, the same tracking).
+
+    Args:
+        tracked: when the phase declares ``track``, the statistics it accumulates into
+            (in place): every batch adds the tracked model's logits of the forward pass
+            that the loss sees (train mode, before the optimizer step).
 
     Raises:
         KdflError: when the loss becomes NaN or infinite (diverged: lower the lr).
@@ -120,6 +126,9 @@ def local_train(
             with torch.no_grad():
                 values.update({name: model_outputs(models[name], x, phase.outputs) for name in phase.frozen})
         loss = phase.loss(Outputs(values, params, call), batch, consts)
+        if phase.track is not None and tracked is not None:
+            assert batch.y is not None  # Program checks that tracking phases have labels
+            phase.track.update(tracked, values[phase.track.model]["logits"], batch.y)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise KdflError(f"local training diverged (loss={value} at step {steps} of phase {phase.name!r}): "

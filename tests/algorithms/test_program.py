@@ -9,7 +9,18 @@ from toy_algorithms import ToyClientState
 
 from kdfl import config as config_mod
 from kdfl import experiment
-from kdfl.algorithms.program import Data, Delta, Logits, Model, Phase, Program, run_program
+from kdfl.algorithms.program import (
+    Data,
+    Delta,
+    LabelLogits,
+    LabelStats,
+    Logits,
+    Model,
+    Phase,
+    Program,
+    Tracked,
+    run_program,
+)
 from kdfl.losses import CrossEntropy
 from kdfl.simulation.engine import Engine, RunSettings
 from kdfl.simulation.executors import Sequential
@@ -64,3 +75,52 @@ def test_phases_report_their_losses_and_the_total_steps():
         for u in ex.run(fed.algorithm, fed.task, jobs):
             assert isinstance(u.client_state, ToyClientState) and u.client_state.rounds == 5
             assert u.metrics["steps"] == 2 + -(-len(fed.partitions[u.client_id]) // 32)  # digest 2 + private
+
+
+def test_tracking_declaration_errors():
+    w = {"weight": torch.zeros(2, 2)}
+    track = LabelLogits(2)
+    with pytest.raises(KdflError, match="tracks model 'peer' but does not run it"):
+        Program({"model": Model("linear", w)}, [Phase(CrossEntropy(), ONE_STEP, track=LabelLogits(2, "peer"))])
+    with pytest.raises(KdflError, match="data without labels"):
+        Program({"model": Model("linear", w)}, [Phase(CrossEntropy(), ONE_STEP, data=Data(torch.zeros(3, 2)),
+                                                      track=track)])
+    with pytest.raises(KdflError, match="two tracking phases are named 'train'"):
+        Program({"model": Model("linear", w)}, [Phase(CrossEntropy(), ONE_STEP, track=track)] * 2)
+    with pytest.raises(KdflError, match=r"Tracked\('warm'\) names no tracking phase"):
+        Program({"model": Model("linear", w)}, [Phase(CrossEntropy(), ONE_STEP, track=track)], upload=[Tracked("warm")])
+    with pytest.raises(KdflError, match="no tracked statistics"):
+        Tracked().make({})  # outside kdfl's runners
+    with pytest.raises(KdflError, match="num_classes"):
+        LabelLogits(0)
+
+
+def test_tracked_label_logits_by_hand():
+    # client 1 of tiny_task: three samples x = [0, 2], y = 1; W = 0. Two epochs of one step at lr 1:
+    # step 1 sees logits [0, 0] (then W = [[0, -1], [0, 1]]), step 2 sees [-2, 2] on each sample
+    task, parts = tiny_task()
+    client = Client(1, task.train.subset(parts[1]), "linear", 1, seed=0)
+    start = LabelStats(torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=torch.float64), torch.tensor([1, 0]))
+    two = LocalSGD(epochs=2, batch_size=8, lr=1.0)
+    program = Program({"model": Model("linear", {"weight": torch.zeros(2, 2)})},
+                      [Phase(CrossEntropy(), two, track=LabelLogits(2))],
+                      upload=[Tracked(), Tracked(key="with_start", counts_key="with_start_n", start=start)],
+                      keep_state=lambda models, kept: ToyClientState(kept.models, int(models.tracked["train"].counts[1])))
+    u = run_program(task, client, program)
+    torch.testing.assert_close(u.payload["label_logits"], torch.tensor([[0.0, 0.0], [-1.0, 1.0]]))  # (0 - 6) / 6
+    assert u.payload["label_counts"].tolist() == [0, 6]
+    torch.testing.assert_close(u.payload["with_start"], torch.tensor([[1.0, 1.0], [-1.0, 1.0]]))
+    assert u.payload["with_start_n"].tolist() == [1, 6] and u.client_state.rounds == 6  # keep_state saw the stats
+    for ex in (Sequential(), Vectorized()):
+        got = ex.run(_Fixed(program), task, [(client, {}), (Client(0, task.train.subset(parts[0]), "linear", 1, 0), {})])
+        torch.testing.assert_close(got[0].payload["label_logits"], u.payload["label_logits"], atol=1e-6, rtol=0)
+
+
+class _Fixed:
+    """An algorithm whose every client runs the same program (for executors)."""
+
+    def __init__(self, program):
+        self.program = program
+
+    def client_program(self, task, downlink, client):
+        return self.program

@@ -21,7 +21,8 @@ from kdfl import models
 from kdfl.algorithms import FedAvg, FedDF, FedEMADistill, FedProx
 from kdfl.algorithms.feddf import feddf_distill
 from kdfl.algorithms.kit.weights import init_params
-from kdfl.algorithms.program import Custom
+from kdfl.algorithms.program import Custom, Data, LabelLogits, LabelStats, Phase, Tracked
+from kdfl.losses import CrossEntropy
 from kdfl.rng import derive
 from kdfl.simulation.auto import prefers_vectorized
 from kdfl.simulation.executors import EXECUTORS, ClientFailure, Sequential, make_executor
@@ -257,3 +258,50 @@ def test_auto_equals_sequential(pool_task):
     assert_close(ref, auto.run(alg, task, jobs))
     assert auto.mode[(("cnn:width=4,hidden=8", "mlp:hidden=16"), "cpu")] in ("local", "parallel")
     assert_close(ref, auto.run(alg, task, jobs))
+
+
+def keep_train_tracker(models, kept):
+    from kdfl.algorithms.feddistill import FedDistillClientState
+
+    return FedDistillClientState(kept.models, models.tracked["train"])
+
+
+@dataclass(frozen=True)
+class Tracking(FedAvg):
+    """FedAvg plus per-label logit tracking in two phases: labelled public rows (a length per
+    client that orders the clients differently from their private data, so the vectorized
+    executor reorders them between phases) and the private data (ragged batches, an empty
+    client); both trackers uploaded (one on top of per-client start values) and kept."""
+
+    def client_program(self, task, downlink, client):
+        program = super().client_program(task, downlink, client)
+        n, c = 3 + 4 * (client.id % 4), task.num_classes
+        track = LabelLogits(c)
+        phases = [Phase(CrossEntropy(), LOCAL, data=Data(task.train.x[:n], task.train.y[:n]), name="public",
+                        track=track),
+                  Phase(CrossEntropy(), LOCAL, track=track)]
+        start = LabelStats(torch.full((c, c), float(client.id), dtype=torch.float64), torch.ones(c, dtype=torch.long))
+        return dataclasses.replace(program, phases=phases, keep=("model",), keep_state=keep_train_tracker, upload=[
+            *program.upload, Tracked("public", key="public_logits", counts_key="public_counts"),
+            Tracked("train", start=start)])
+
+
+@pytest.mark.parametrize("arch", ["mlp:hidden=16", "cnn:width=4,hidden=16"])
+def test_tracked_statistics_equal_across_executors(arch):
+    task, clients = make_task([arch], SIZES)
+    alg = Tracking(local=LOCAL)
+    jobs = jobs_of(alg, task, clients)
+    ref = Sequential().run(alg, task, jobs)
+    vec = Vectorized()
+    got = vec.run(alg, task, jobs)
+    assert vec.batched == len(SIZES) and not vec.reasons
+    assert_close(ref, got)  # every payload entry (tracked averages and counts too) within 1e-5
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a.payload["label_counts"], b.payload["label_counts"])
+        assert torch.equal(a.payload["public_counts"], b.payload["public_counts"])
+        torch.testing.assert_close(b.client_state.tracker.sums, a.client_state.tracker.sums, atol=1e-4, rtol=0)
+        assert int(a.payload["public_counts"].sum()) == 2 * (3 + 4 * (a.client_id % 4))  # 2 epochs
+        assert int(a.payload["label_counts"].sum()) == 2 * SIZES[a.client_id] + task.num_classes  # + start's ones
+    if arch.startswith("mlp"):  # the reference runner in worker processes: bit for bit (one pool start)
+        with Parallel(workers=2) as ex:
+            assert_close(ref, ex.run(alg, task, jobs), exact=True)

@@ -15,10 +15,12 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kdfl.algorithms.fd import FD
 from kdfl.algorithms.fedad import FedAD
 from kdfl.algorithms.fedavg import FedAvg
 from kdfl.algorithms.fedavgm import FedAvgM
 from kdfl.algorithms.feddf import FedDF
+from kdfl.algorithms.feddistill import FedDistill
 from kdfl.algorithms.fedema_distill import FedEMADistill
 from kdfl.algorithms.fedprox import FedProx
 from kdfl.algorithms.local import Local
@@ -34,6 +36,8 @@ ALGORITHMS: Registry[type[Any]] = Registry("algorithm", {
     "fedema_distill": FedEMADistill,
     "local": Local,
     "fedad": FedAD,
+    "fd": FD,
+    "feddistill": FedDistill,
 })
 
 REQUIRED = ("init", "configure", "client_program", "validate", "server_update")
@@ -110,5 +114,5 @@ def build_algorithm(name: str, local: LocalSGD, options: Mapping[str, Any]) -> A
         raise KdflError(f"algorithm {name!r}: {e}") from None
 
 
-__all__ = ["ALGORITHMS", "FedAD", "FedAvg", "FedAvgM", "FedDF", "FedEMADistill", "FedProx", "Local",
-           "build_algorithm", "register", "resolve"]
+__all__ = ["ALGORITHMS", "FD", "FedAD", "FedAvg", "FedAvgM", "FedDF", "FedDistill", "FedEMADistill", "FedProx",
+           "Local", "build_algorithm", "register", "resolve"]

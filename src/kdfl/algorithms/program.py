@@ -21,6 +21,21 @@ once when they declare the same structure: equal losses (frozen dataclasses, see
 :mod:`kdfl.losses`), equal settings, and per-client tensors only in the places made for
 them (weights, ``Phase.consts``, the phase data). Nothing is inferred from closures.
 
+Statistics of the training itself are *declared* too, never collected inside a loss
+(losses are pure: the vectorized executor vmaps them). ``Phase(..., track=LabelLogits(C))``
+accumulates, over every batch of the phase, the per-label sums of the tracked model's
+training logits (train mode, the very forward pass the loss sees, before the optimizer
+step) and the label counts: :class:`LabelStats`, ``sums`` (C, C) float64 (row l: the sum
+of the logits of the label-l samples) and ``counts`` (C,) int64. FD and FedGen's
+FedDistill upload them. The reference runner and the vectorized executor accumulate them
+identically (the batched step returns the tracked logits as an auxiliary output of
+``vmap(grad)`` and one batched matmul adds them for every client; padded rows of ragged
+batches are masked out). The runners hand them to the uploads and ``keep_state`` on the
+trained-models mapping (:class:`Trained`: ``models.tracked[phase name]``); the
+:class:`Tracked` upload turns them into payload entries (per-label averages and counts,
+optionally on top of earlier sums and counts: a tracker that persists across rounds is
+client state that ``keep_state`` stores and the next program passes as ``start``).
+
 Examples (FedAvg's and a FedMD-like client)::
 
     Program(models={MAIN: Model(client.arch, downlink)},
@@ -31,6 +46,12 @@ Examples (FedAvg's and a FedMD-like client)::
             phases=[Phase(L1Logits(), digest, data=Data(proxy[idx], targets={"q": consensus})),
                     Phase(CrossEntropy(), self.local)],
             upload=[Logits(proxy[next_idx])], keep=(MAIN,))
+
+An FD client (per-label average logits of its training, and its label counts)::
+
+    Program(models={MAIN: Model(client.arch, own)},
+            phases=[Phase(loss, self.local, consts=teacher, track=LabelLogits(task.num_classes))],
+            upload=[Tracked("train")], keep=(MAIN,))
 """
 
 from __future__ import annotations
@@ -83,6 +104,89 @@ class Data:
         return Data(data.x, data.y)
 
 
+# ----------------------------------------------------------------------------- tracking
+@dataclass(frozen=True)
+class LabelStats:
+    """Per-label logit sums and label counts, optionally with leading (client) axes.
+
+    Args:
+        sums: (..., C, C) float64; row l is the sum of the logit vectors of the label-l samples.
+        counts: (..., C) int64; samples of each label.
+    """
+
+    sums: Tensor
+    counts: Tensor
+
+    @staticmethod
+    def zeros(num_classes: int, *lead: int, device: torch.device | str | None = None) -> LabelStats:
+        c = num_classes
+        return LabelStats(torch.zeros(*lead, c, c, dtype=torch.float64, device=device),
+                          torch.zeros(*lead, c, dtype=torch.int64, device=device))
+
+    def __add__(self, other: LabelStats) -> LabelStats:
+        dev = self.sums.device
+        return LabelStats(self.sums + other.sums.to(dev, torch.float64), self.counts + other.counts.to(dev))
+
+    def __getitem__(self, index: Any) -> LabelStats:
+        """The stats of some clients (rows of the leading axis)."""
+        return LabelStats(self.sums[index], self.counts[index])
+
+    def averages(self) -> Tensor:
+        """(..., C, C) float32 per-label average logits; rows of labels never seen are 0."""
+        n = self.counts.to(torch.float64).unsqueeze(-1)
+        return torch.where(n > 0, self.sums / n.clamp_min(1.0), torch.zeros_like(self.sums)).float()
+
+
+@dataclass(frozen=True)
+class LabelLogits:
+    """``Phase.track``: accumulate per-label sums of ``model``'s training logits and the
+    label counts over every batch of the phase (:class:`LabelStats`). The phase needs
+    labelled data.
+
+    Args:
+        num_classes: C (the shapes are fixed before training: a client without a single
+            step still has (C, C) sums).
+        model: the tracked model (trained or frozen in the phase).
+    """
+
+    num_classes: int
+    model: str = MAIN
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise KdflError(f"LabelLogits: num_classes must be >= 1, got {self.num_classes}")
+
+    def start(self, *lead: int, device: torch.device | str | None = None) -> LabelStats:
+        """Zero sums and counts (one set per client when ``lead`` = (clients,))."""
+        return LabelStats.zeros(self.num_classes, *lead, device=device)
+
+    def update(self, stats: LabelStats, logits: Tensor, y: Tensor, mask: Tensor | None = None) -> None:
+        """Add one batch in place: ``logits`` (..., B, C), labels ``y`` (..., B), optional
+        ``mask`` (..., B) of the real (not padded) rows. The same float64 matmul for one
+        client (the reference runner) and for a stack of clients (the vectorized executor)."""
+        if logits.shape[-1] != self.num_classes:
+            raise KdflError(f"LabelLogits(num_classes={self.num_classes}) tracks a model with "
+                            f"{logits.shape[-1]} outputs: declare num_classes={logits.shape[-1]}")
+        with torch.no_grad():
+            hit = y.unsqueeze(-1) == torch.arange(self.num_classes, device=y.device)  # (..., B, C)
+            if mask is not None:
+                hit = hit & mask.unsqueeze(-1)
+            stats.sums.add_(hit.to(torch.float64).transpose(-1, -2) @ logits.detach().to(torch.float64))
+            stats.counts.add_(hit.sum(-2))
+
+
+Tracker = LabelLogits  # what ``Phase.track`` accepts (one kind so far)
+
+
+class Trained(dict[str, nn.Module]):
+    """The trained models by name, as uploads and ``keep_state`` receive them, plus what
+    the phases tracked: ``tracked[phase name]`` (a :class:`LabelStats`)."""
+
+    def __init__(self, models: Mapping[str, nn.Module], tracked: Mapping[str, LabelStats] | None = None) -> None:
+        super().__init__(models)
+        self.tracked: dict[str, LabelStats] = dict(tracked or {})
+
+
 @dataclass(frozen=True, eq=False)
 class Phase:
     """One stage of local training.
@@ -96,6 +200,8 @@ class Phase:
         consts: per-client constants the loss reads (tensors or state dicts).
         outputs: what the models return besides logits: "features", "activations".
         name: reported as ``<name>_loss`` in the client's metrics.
+        track: statistics accumulated over the phase's batches (:class:`LabelLogits`),
+            read by the :class:`Tracked` upload or ``keep_state`` under the phase's name.
     """
 
     loss: Loss
@@ -106,6 +212,7 @@ class Phase:
     consts: Mapping[str, Any] = field(default_factory=dict)
     outputs: frozenset[str] = frozenset()
     name: str = "train"
+    track: Tracker | None = None
 
     @property
     def forward(self) -> tuple[str, ...]:
@@ -176,7 +283,43 @@ class Custom:
         return self.fn(models)
 
 
-Upload = Delta | Logits | Const | Custom
+@dataclass(frozen=True, eq=False)
+class Tracked:
+    """What phase ``phase`` tracked (``Phase(track=LabelLogits(C))``) as payload entries:
+    ``{key: (C, C) float32 per-label average logits (rows of labels never seen: 0),
+    counts_key: (C,) int64 label counts}``.
+
+    Args:
+        phase: the name of the tracking phase.
+        key: the payload entry of the averages.
+        counts_key: the payload entry of the counts ("" = averages only).
+        start: sums and counts added before averaging: a tracker that persists across
+            rounds (client state) or starts from pseudo-counts (FedGen's counts of 1).
+    """
+
+    phase: str = "train"
+    key: str = "label_logits"
+    counts_key: str = "label_counts"
+    start: LabelStats | None = None
+
+    def stats(self, models: Mapping[str, nn.Module]) -> LabelStats:
+        """The phase's statistics (plus ``start``) from the runner's :class:`Trained` mapping."""
+        tracked = getattr(models, "tracked", None)
+        if tracked is None or self.phase not in tracked:
+            raise KdflError(f"upload Tracked({self.phase!r}): no tracked statistics of phase {self.phase!r} "
+                            "(run the program with kdfl's runners, which pass them on the trained models)")
+        got: LabelStats = tracked[self.phase]
+        return got if self.start is None else self.start + got
+
+    def make(self, models: Mapping[str, nn.Module]) -> Payload:
+        stats = self.stats(models)
+        out: Payload = {self.key: stats.averages().cpu()}
+        if self.counts_key:
+            out[self.counts_key] = stats.counts.cpu().clone()
+        return out
+
+
+Upload = Delta | Logits | Const | Custom | Tracked
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,7 +333,8 @@ class Program:
         keep: models whose trained weights the client keeps (``ClientState.models``).
         keep_state: for clients that keep more than weights: ``keep_state(models, kept)``
             returns the client's state (a typed subclass of :class:`ClientState`) from the
-            trained models and the ``ClientState`` made of the ``keep`` models. It must
+            trained models (a :class:`Trained` mapping: ``models.tracked`` holds what the
+            phases tracked) and the ``ClientState`` made of the ``keep`` models. It must
             copy what it keeps from the models.
         batchable: "" when the program may be batched with others of the same structure;
             otherwise the reason it may not (e.g. randomness inside the loss).
@@ -213,6 +357,24 @@ class Program:
         missing = [m for m in self.keep if m not in declared]
         if missing:
             raise KdflError(f"program keeps models {missing} that it does not declare")
+        tracking: set[str] = set()
+        for ph in self.phases:
+            if ph.track is None:
+                continue
+            if ph.track.model not in ph.forward:
+                raise KdflError(f"phase {ph.name!r} tracks model {ph.track.model!r} but does not run it "
+                                f"(add it to the phase's train or frozen models)")
+            if ph.data is not None and ph.data.y is None:
+                raise KdflError(f"phase {ph.name!r} tracks per-label logits on data without labels: give "
+                                "its Data labels (y) or drop track")
+            if ph.name in tracking:
+                raise KdflError(f"two tracking phases are named {ph.name!r}: give them distinct names "
+                                "(Tracked uploads find them by name)")
+            tracking.add(ph.name)
+        for up in self.upload:
+            if isinstance(up, Tracked) and up.phase not in tracking:
+                raise KdflError(f"upload Tracked({up.phase!r}) names no tracking phase (tracking phases: "
+                                f"{sorted(tracking)}); set track= on that phase")
 
 
 def fresh_weights(task: Task, client_id: int, arch: str) -> StateDict:
@@ -238,7 +400,8 @@ def client_metrics(per_phase: Sequence[dict[str, float]]) -> dict[str, float]:
 
 def finish(program: Program, client: Client, models: Mapping[str, nn.Module],
            metrics: dict[str, float]) -> ClientUpdate:
-    """The client's update from its trained models: the uploads and the kept state."""
+    """The client's update from its trained models (a :class:`Trained` mapping when phases
+    tracked statistics): the uploads and the kept state."""
     payload: Payload = {}
     for up in program.upload:
         payload.update(up.make(models))
@@ -249,7 +412,8 @@ def finish(program: Program, client: Client, models: Mapping[str, nn.Module],
 
 
 def run_program(task: Task, client: Client, program: Program) -> ClientUpdate:
-    """The reference runner: build the models, run the phases, make the update.
+    """The reference runner: build the models, run the phases (accumulating what they
+    track), make the update.
 
     Raises:
         KdflError: when a phase diverges (NaN or infinite loss).
@@ -260,9 +424,14 @@ def run_program(task: Task, client: Client, program: Program) -> ClientUpdate:
             module = task.borrow_model(m.arch)
             models[name] = module
             module.load_state_dict(m.weights)
-        per_phase = [local_train(models, ph, phase_data(ph, client), client.generator(i))
-                     for i, ph in enumerate(program.phases)]
-        return finish(program, client, models, client_metrics(per_phase))
+        tracked: dict[str, LabelStats] = {}
+        per_phase = []
+        for i, ph in enumerate(program.phases):
+            stats = None
+            if ph.track is not None:
+                stats = tracked[ph.name] = ph.track.start(device=task.device)
+            per_phase.append(local_train(models, ph, phase_data(ph, client), client.generator(i), stats))
+        return finish(program, client, Trained(models, tracked), client_metrics(per_phase))
     finally:
         for name, module in models.items():  # nothing keeps them (uploads and state are copies)
             task.return_model(program.models[name].arch, module)

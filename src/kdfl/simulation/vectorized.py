@@ -29,9 +29,16 @@ What it reproduces of :func:`kdfl.algorithms.program.run_program`:
   place by the batched forward); GroupNorm and models without normalisation need nothing;
 - the metrics (``<phase>_loss`` per phase, ``steps``); a client whose loss becomes
   NaN/inf is rerun by the reference runner, so it fails exactly as there;
+- tracked statistics (``Phase.track``, e.g. per-label logit sums and label counts): the
+  batched step returns the tracked model's logits as an auxiliary output of
+  ``vmap(grad_and_value(loss, has_aux=True))`` and the tracker adds them for every
+  active client at once (float64, padded rows masked out), exactly the update the
+  reference loop makes per client; the :class:`~kdfl.algorithms.program.Tracked` upload
+  and ``keep_state`` read each client's row;
 - the uploads: weight deltas of all clients at once (one subtraction per tensor for the
   chunk), every other upload per client on a model that receives each client's trained
-  state in turn; kept models are rows of the stacked state.
+  state in turn (not even that for uploads that need no model: tracked statistics,
+  constants); kept models are rows of the stacked state.
 
 Everything else runs through the reference runner, one client at a time (logged at
 debug level, with the reason): programs that say they are not batchable, losses that are
@@ -64,10 +71,14 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from kdfl import tree
 from kdfl.algorithms.program import (
+    Const,
     Data,
     Delta,
+    LabelStats,
     Phase,
     Program,
+    Tracked,
+    Trained,
     run_program,
 )
 from kdfl.losses import Batch, Outputs
@@ -128,7 +139,8 @@ def _phase_key(ph: Phase, memo: dict[int, Any] | None) -> Hashable:
     d = ph.data
     dkey = None if d is None else (tuple(d.x.shape[1:]), d.x.dtype, d.y is None,
                                    _tensors_key({k: v[:0] for k, v in d.targets.items()}))
-    key = (ph.name, ph.loss, ph.local, ph.train, ph.frozen, ph.outputs, dkey, _tensors_key(ph.consts, memo))
+    key = (ph.name, ph.loss, ph.local, ph.train, ph.frozen, ph.outputs, dkey, _tensors_key(ph.consts, memo),
+           ph.track)
     if memo is not None:
         memo[id(ph)] = key
     return key
@@ -376,7 +388,7 @@ class Vectorized:
         for s in range(0, len(items), chunk):
             part = items[s : s + chunk]
             try:
-                state, totals, finite = self._train_chunk(task, part, templates)
+                state, totals, finite, tracked = self._train_chunk(task, part, templates)
             except Exception as e:  # e.g. an op without a batching rule: rerun one by one
                 why = f"batched training failed ({type(e).__name__}: {e})"
                 log.debug("vectorized: %s; rerunning %d clients sequentially", why, len(part))
@@ -386,15 +398,16 @@ class Vectorized:
                 out.update(self._sequential(task, part, why))
                 continue
             self.batched += len(part)
-            out.update(self._finish(task, part, templates, state, totals, finite))
+            out.update(self._finish(task, part, templates, state, totals, finite, tracked))
         return out
 
     def _train_chunk(self, task: Task, items: list[_Item], templates: Mapping[str, nn.Module]
-                     ) -> tuple[dict[str, dict[str, Tensor]], Tensor, Tensor]:
+                     ) -> tuple[dict[str, dict[str, Tensor]], Tensor, Tensor, dict[str, LabelStats]]:
         """Train the clients of ``items`` together through every phase.
 
         Returns the stacked final state (model -> name -> (k, *shape)), the loss totals
-        (k, phases) and whether each client's losses stayed finite (k,).
+        (k, phases), whether each client's losses stayed finite (k,) and what the
+        tracking phases tracked (phase name -> stats with a leading (k,) axis).
         """
         dev, k = task.device, len(items)
         lead = items[0].program
@@ -409,29 +422,36 @@ class Vectorized:
                     state[name][n] = torch.stack([w.to(dev) for w in ws])
         totals = torch.zeros(k, len(lead.phases), dtype=torch.float64)
         finite = torch.ones(k, dtype=torch.bool)
+        tracked: dict[str, LabelStats] = {}
         for p, ph in enumerate(lead.phases):
             steps = [len(it.batches[p]) for it in items]
             order = sorted(range(k), key=lambda i: -steps[i])  # still-training clients form a prefix
             if order == list(range(k)):
-                per_step = self._train_phase(task, items, p, ph, state, templates)  # (m_t,): clients 0..m_t-1
+                per_step, stats = self._train_phase(task, items, p, ph, state, templates)  # (m_t,): clients 0..m_t-1
                 for lv in per_step:
                     totals[: lv.shape[0], p] += lv.double().cpu()
                     finite[: lv.shape[0]] &= torch.isfinite(lv).cpu()
+                if stats is not None:
+                    tracked[ph.name] = stats
                 continue
             perm = torch.tensor(order)
             st = _rows(state, perm.to(dev))
-            per_step = self._train_phase(task, [items[i] for i in order], p, ph, st, templates)
-            state = _rows(st, torch.argsort(perm).to(dev))
+            per_step, stats = self._train_phase(task, [items[i] for i in order], p, ph, st, templates)
+            inverse = torch.argsort(perm).to(dev)
+            state = _rows(st, inverse)
+            if stats is not None:
+                tracked[ph.name] = stats[inverse]
             for lv in per_step:
                 rows = perm[: lv.shape[0]]
                 totals[rows, p] += lv.double().cpu()
                 finite[rows] &= torch.isfinite(lv).cpu()
-        return state, totals, finite
+        return state, totals, finite, tracked
 
     def _train_phase(self, task: Task, items: list[_Item], p: int, ph: Phase, state: dict[str, dict[str, Tensor]],
-                     templates: Mapping[str, nn.Module]) -> list[Tensor]:
+                     templates: Mapping[str, nn.Module]) -> tuple[list[Tensor], LabelStats | None]:
         """One phase for clients sorted by their step count; updates ``state`` in place.
-        Returns per step the losses of the clients active then ((m_t,): the first m_t)."""
+        Returns per step the losses of the clients active then ((m_t,): the first m_t),
+        and the phase's tracked statistics ((k, ...), None when it tracks nothing)."""
         dev, cfg = task.device, ph.local
         param_names = {m: {n for n, _ in templates[m].named_parameters()} for m in ph.forward}
         trainable = {m: [n for n, prm in templates[m].named_parameters() if prm.requires_grad] for m in ph.train}
@@ -461,9 +481,12 @@ class Vectorized:
         tgs = {t: torch.cat([d.targets[t] for d in datas]).to(dev)  # type: ignore[union-attr]
                for t in getattr(datas[0], "targets", {})}
         kwargs = {"features": "features" in ph.outputs, "activations": "activations" in ph.outputs}
+        track = ph.track
+        tracked = None if track is None else track.start(len(items), device=dev)
 
         def client_loss(pr: dict[str, dict[str, Tensor]], fz: dict[str, dict[str, Tensor]], x: Tensor, y: Tensor,
-                        idx: Tensor, tg: dict[str, Tensor], mask: Tensor | None, cs: dict[str, Any]) -> Tensor:
+                        idx: Tensor, tg: dict[str, Tensor], mask: Tensor | None, cs: dict[str, Any]
+                        ) -> Tensor | tuple[Tensor, Tensor]:
             values: dict[str, Any] = {}
             params: dict[str, dict[str, Tensor]] = {}
             buffers: dict[str, dict[str, Tensor]] = {}
@@ -479,19 +502,23 @@ class Vectorized:
 
             constants = {**shared, **cs}
             if mask is None:
-                return ph.loss(Outputs(values, params, call), Batch(x, y if labelled else None, idx, tg), constants)
+                loss = ph.loss(Outputs(values, params, call), Batch(x, y if labelled else None, idx, tg), constants)
+            else:
+                def one(vi: dict[str, Any], xi: Tensor, yi: Tensor, ii: Tensor, ti: dict[str, Tensor]) -> Tensor:
+                    batched = torch.utils._pytree.tree_map(lambda t: t[None], vi)
+                    b = Batch(xi[None], yi[None] if labelled else None, ii[None], {n: t[None] for n, t in ti.items()})
+                    return ph.loss(Outputs(batched, params, call), b, constants).reshape(())
 
-            def one(vi: dict[str, Any], xi: Tensor, yi: Tensor, ii: Tensor, ti: dict[str, Tensor]) -> Tensor:
-                batched = torch.utils._pytree.tree_map(lambda t: t[None], vi)
-                b = Batch(xi[None], yi[None] if labelled else None, ii[None], {n: t[None] for n, t in ti.items()})
-                return ph.loss(Outputs(batched, params, call), b, constants).reshape(())
+                per = vmap(one)(values, x, y, idx, tg)  # (B,)
+                w = mask.to(per.dtype)
+                loss = (per * w).sum() / w.sum()
+            if track is None:
+                return loss
+            return loss, values[track.model]["logits"].detach()  # auxiliary output: what the tracker adds
 
-            per = vmap(one)(values, x, y, idx, tg)  # (B,)
-            w = mask.to(per.dtype)
-            return (per * w).sum() / w.sum()
-
-        g_fn = vmap(grad_and_value(client_loss), in_dims=(0, 0, 0, 0, 0, 0, 0, 0))
-        g_fn_full = vmap(grad_and_value(client_loss), in_dims=(0, 0, 0, 0, 0, 0, None, 0))
+        aux = track is not None
+        g_fn = vmap(grad_and_value(client_loss, has_aux=aux), in_dims=(0, 0, 0, 0, 0, 0, 0, 0))
+        g_fn_full = vmap(grad_and_value(client_loss, has_aux=aux), in_dims=(0, 0, 0, 0, 0, 0, None, 0))
         momentum: dict[str, dict[str, Tensor]] = {}
         losses: list[Tensor] = []
         steps = [len(it.batches[p]) for it in items]
@@ -514,10 +541,14 @@ class Vectorized:
             fz = {mdl: {n: state[mdl][n][:active] for n in names} for mdl, names in frozen.items()}
             cs = {c: (v[:active] if isinstance(v, Tensor) else {n: u[:active] for n, u in v.items()})
                   for c, v in stacked_consts.items()}
-            if mask is None:
-                grads, loss = g_fn_full(pr, fz, x, y, local, tg, None, cs)
+            dmask = None if mask is None else mask.to(dev)
+            grads, value = (g_fn_full if dmask is None else g_fn)(pr, fz, x, y, local, tg, dmask, cs)
+            if tracked is not None:  # the tracked logits (active, B, C), added for every active client at once
+                assert track is not None
+                loss, logits = value
+                track.update(tracked[:active], logits, y, dmask)
             else:
-                grads, loss = g_fn(pr, fz, x, y, local, tg, mask.to(dev), cs)
+                loss = value
             losses.append(loss.detach())
             with torch.no_grad():  # torch.optim.SGD (single-tensor path), on the stacked tensors
                 for mdl, names in trainable.items():
@@ -534,11 +565,13 @@ class Vectorized:
                                 buf.mul_(mom).add_(d_p)
                                 d_p = buf
                         pr[mdl][n].add_(d_p, alpha=-lr)
-        return losses
+        return losses, tracked
 
     def _finish(self, task: Task, items: list[_Item], templates: Mapping[str, nn.Module],
-                state: dict[str, dict[str, Tensor]], totals: Tensor, finite: Tensor) -> dict[int, Result]:
-        """The clients' updates from the stacked trained state (diverged clients rerun)."""
+                state: dict[str, dict[str, Tensor]], totals: Tensor, finite: Tensor,
+                tracked: Mapping[str, LabelStats]) -> dict[int, Result]:
+        """The clients' updates from the stacked trained state and tracked statistics
+        (diverged clients rerun)."""
         lead = items[0].program
         out: dict[int, Result] = {}
         finite_l = finite.tolist()  # one conversion, not one tensor read per client
@@ -561,11 +594,14 @@ class Vectorized:
         keep_state = lead.keep_state is not None
         kept_by_fn: dict[int, ClientState] = {}
         if per_client or keep_state:
-            models = {name: copy.deepcopy(t) for name, t in templates.items()}
+            # uploads of tracked statistics and constants need no model loaded with the client's state
+            load = keep_state or any(not isinstance(lead.upload[j], (Tracked, Const)) for j in per_client)
+            models = Trained({name: copy.deepcopy(t) for name, t in templates.items()} if load else {})
             targets = {name: m.state_dict(keep_vars=True) for name, m in models.items()}
             for r, i in enumerate(ok):
+                models.tracked = {name: stats[i] for name, stats in tracked.items()}
                 with torch.no_grad():
-                    for name, values in rows.items():
+                    for name, values in (rows.items() if load else ()):
                         for n, v in values.items():
                             targets[name][n].copy_(v[r])
                 for m in models.values():
