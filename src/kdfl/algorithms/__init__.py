@@ -15,6 +15,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kdfl.algorithms.dsfl import DSFL
 from kdfl.algorithms.fd import FD
 from kdfl.algorithms.fedad import FedAD
 from kdfl.algorithms.fedavg import FedAvg
@@ -22,6 +23,7 @@ from kdfl.algorithms.fedavgm import FedAvgM
 from kdfl.algorithms.feddf import FedDF
 from kdfl.algorithms.feddistill import FedDistill
 from kdfl.algorithms.fedema_distill import FedEMADistill
+from kdfl.algorithms.fedmd import FedMD
 from kdfl.algorithms.fedprox import FedProx
 from kdfl.algorithms.local import Local
 from kdfl.registry import Registry
@@ -38,6 +40,8 @@ ALGORITHMS: Registry[type[Any]] = Registry("algorithm", {
     "fedad": FedAD,
     "fd": FD,
     "feddistill": FedDistill,
+    "fedmd": FedMD,
+    "dsfl": DSFL,
 })
 
 REQUIRED = ("init", "configure", "client_program", "validate", "server_update")
@@ -114,5 +118,5 @@ def build_algorithm(name: str, local: LocalSGD, options: Mapping[str, Any]) -> A
         raise KdflError(f"algorithm {name!r}: {e}") from None
 
 
-__all__ = ["ALGORITHMS", "FD", "FedAD", "FedAvg", "FedAvgM", "FedDF", "FedDistill", "FedEMADistill", "FedProx",
-           "Local", "build_algorithm", "register", "resolve"]
+__all__ = ["ALGORITHMS", "DSFL", "FD", "FedAD", "FedAvg", "FedAvgM", "FedDF", "FedDistill", "FedEMADistill", "FedMD",
+           "FedProx", "Local", "build_algorithm", "register", "resolve"]
