@@ -211,3 +211,11 @@ def test_report_subprocess_missing_directory(tmp_path):
     p = kdfl_subprocess("report", str(tmp_path / "nope"))
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.startswith("kdfl: error:") and "nope" in p.stderr
+
+
+def test_python_dash_m_kdfl_is_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "kdfl", "list"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "fedmd" in out.stdout and "local" in out.stdout
