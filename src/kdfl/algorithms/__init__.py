@@ -24,7 +24,9 @@ from kdfl.algorithms.feddf import FedDF
 from kdfl.algorithms.feddistill import FedDistill
 from kdfl.algorithms.fedema_distill import FedEMADistill
 from kdfl.algorithms.fedmd import FedMD
+from kdfl.algorithms.fedntd import FedNTD
 from kdfl.algorithms.fedprox import FedProx
+from kdfl.algorithms.fml import FML
 from kdfl.algorithms.local import Local
 from kdfl.registry import Registry
 from kdfl.train import LocalSGD
@@ -42,6 +44,8 @@ ALGORITHMS: Registry[type[Any]] = Registry("algorithm", {
     "feddistill": FedDistill,
     "fedmd": FedMD,
     "dsfl": DSFL,
+    "fedntd": FedNTD,
+    "fml": FML,
 })
 
 REQUIRED = ("init", "configure", "client_program", "validate", "server_update")
@@ -119,4 +123,4 @@ def build_algorithm(name: str, local: LocalSGD, options: Mapping[str, Any]) -> A
 
 
 __all__ = ["ALGORITHMS", "DSFL", "FD", "FedAD", "FedAvg", "FedAvgM", "FedDF", "FedDistill", "FedEMADistill", "FedMD",
-           "FedProx", "Local", "build_algorithm", "register", "resolve"]
+           "FedNTD", "FedProx", "FML", "Local", "build_algorithm", "register", "resolve"]
