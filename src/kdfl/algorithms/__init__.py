@@ -25,7 +25,9 @@ from kdfl.algorithms.feddistill import FedDistill
 from kdfl.algorithms.fedema_distill import FedEMADistill
 from kdfl.algorithms.fedmd import FedMD
 from kdfl.algorithms.fedntd import FedNTD
+from kdfl.algorithms.fedproto import FedProto
 from kdfl.algorithms.fedprox import FedProx
+from kdfl.algorithms.fedssd import FedSSD
 from kdfl.algorithms.fml import FML
 from kdfl.algorithms.local import Local
 from kdfl.registry import Registry
@@ -46,6 +48,8 @@ ALGORITHMS: Registry[type[Any]] = Registry("algorithm", {
     "dsfl": DSFL,
     "fedntd": FedNTD,
     "fml": FML,
+    "fedproto": FedProto,
+    "fedssd": FedSSD,
 })
 
 REQUIRED = ("init", "configure", "client_program", "validate", "server_update")
@@ -123,4 +127,4 @@ def build_algorithm(name: str, local: LocalSGD, options: Mapping[str, Any]) -> A
 
 
 __all__ = ["ALGORITHMS", "DSFL", "FD", "FedAD", "FedAvg", "FedAvgM", "FedDF", "FedDistill", "FedEMADistill", "FedMD",
-           "FedNTD", "FedProx", "FML", "Local", "build_algorithm", "register", "resolve"]
+           "FedNTD", "FedProto", "FedProx", "FedSSD", "FML", "Local", "build_algorithm", "register", "resolve"]
