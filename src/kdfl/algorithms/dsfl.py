@@ -182,10 +182,7 @@ class DSFL:
 
     def rows(self, task: Task, round_num: int) -> Tensor:
         """The open rows I_t of ``round_num``: sorted proxy row indices (int64)."""
-        assert task.proxy is not None
-        n = len(task.proxy)
-        perm = torch.randperm(n, generator=generator(task.seed, "dsfl-open", round_num))
-        return perm[: min(self.open_size, n)].sort().values
+        return logit_kit.public_rows(task, self.open_size, "dsfl-open", round_num)
 
     # -- server: init and downlink -------------------------------------------------------
     def init(self, task: Task) -> DSFLState:

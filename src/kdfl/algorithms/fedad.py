@@ -67,9 +67,7 @@ headers: mnist1d ``cnn`` (maps 10 -> 8 long) 92,312 B; digits ``cnn`` (2x2 maps)
 
 from __future__ import annotations
 
-import copy
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -80,11 +78,11 @@ from torch import Tensor, nn
 from kdfl import tree
 from kdfl.algorithms.kit import attention as att
 from kdfl.algorithms.kit import logits as logit_kit
-from kdfl.algorithms.kit.distill import DistillSettings
+from kdfl.algorithms.kit.distill import DistillSettings, distill_loop
 from kdfl.algorithms.program import Const, Custom, Logits, Model, Phase, Program, Upload, fresh_weights
 from kdfl.losses import MAIN, CrossEntropy, kd_kl
 from kdfl.rng import generator
-from kdfl.train import LocalSGD, evaluate
+from kdfl.train import LocalSGD
 from kdfl.types import (
     Client,
     ClientInfo,
@@ -210,12 +208,7 @@ class FedAD:
 
     def public_indices(self, task: Task, round_num: int) -> Tensor:
         """The sorted proxy rows of ``round_num`` (all rows when the proxy is small)."""
-        assert task.proxy is not None
-        n = len(task.proxy)
-        if self.public_size >= n:
-            return torch.arange(n)
-        perm = torch.randperm(n, generator=generator(task.seed, "fedad-public", round_num))
-        return perm[: self.public_size].sort().values
+        return logit_kit.public_rows(task, self.public_size, "fedad-public", round_num)
 
     def configure(self, task: Task, state: ServerState, client: ClientInfo) -> Payload:
         return {"public_idx": self.public_indices(task, state.round + 1)}
@@ -344,50 +337,12 @@ class FedAD:
     def distil(self, student: nn.Module, x: Tensor, target: Tensor, inter: Tensor | None, union: Tensor | None,
                gen: torch.Generator, val: TensorData | None = None) -> dict[str, float]:
         """Train ``student`` in place (train mode) with :meth:`loss` over ``distill``'s
-        schedule, as ``kit.distill.distill`` does for a plain KD loss: batch order from
-        ``gen``, Adam or SGD, optional cosine schedule, gradient clipping and early
-        stopping on ``val``. Returns the mean loss, its mean terms and the steps run."""
-        s = self.distill
-        if s.steps == 0 or len(x) == 0:
-            return {"distill_loss": math.nan, "distill_steps": 0.0}
-        params = [p for p in student.parameters() if p.requires_grad]
-        opt: torch.optim.Optimizer = (
-            torch.optim.Adam(params, lr=s.lr) if s.optimizer == "adam"
-            else torch.optim.SGD(params, lr=s.lr, momentum=0.9)
-        )
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps) if s.cosine else None
-        device = next(student.parameters()).device
-        early = val is not None and s.patience > 0
-        best_acc, best_step, best_state = -1.0, 0, None
-        sums: dict[str, float] = {}
-        done = 0
-        perm, pos = torch.randperm(len(x), generator=gen), 0
-        for step in range(1, s.steps + 1):
-            if pos >= len(x):
-                perm, pos = torch.randperm(len(x), generator=gen), 0
-            idx = perm[pos : pos + s.batch_size]
-            pos += s.batch_size
-            student.train()
-            loss, terms = self.loss(
-                student, x[idx].to(device), target[idx].to(device),
+        schedule through ``kit.distill.distill_loop`` (the loop ``distill`` runs for a plain
+        KD loss). Returns the mean loss, its mean terms and the steps run."""
+        def batch_loss(model: nn.Module, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            device = next(model.parameters()).device
+            return self.loss(
+                model, x[idx].to(device), target[idx].to(device),
                 None if inter is None else inter[idx].to(device), None if union is None else union[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.grad_clip > 0:
-                nn.utils.clip_grad_norm_(params, s.grad_clip)
-            opt.step()
-            if sched is not None:
-                sched.step()
-            for k, v in {"distill_loss": loss, **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            done = step
-            if early and (step % s.eval_every == 0 or step == s.steps):
-                assert val is not None
-                acc = evaluate(student, val)["accuracy"]
-                if acc > best_acc:
-                    best_acc, best_step, best_state = acc, step, copy.deepcopy(student.state_dict())
-                elif step - best_step >= s.patience:
-                    break
-        if best_state is not None:
-            student.load_state_dict(best_state)
-        return {**{k: v / max(done, 1) for k, v in sums.items()}, "distill_steps": float(done)}
+
+        return distill_loop(student, len(x), batch_loss, self.distill, gen, val)

@@ -147,11 +147,7 @@ class FedEMADistill:
 
     def proxy_indices(self, task: Task, round_num: int) -> Tensor:
         """The proxy rows used in ``round_num`` (all rows unless ``proxy_subset``)."""
-        assert task.proxy is not None
-        n = len(task.proxy)
-        if not self.proxy_subset or self.proxy_subset >= n:
-            return torch.arange(n)
-        return torch.randperm(n, generator=generator(task.seed, "proxy", round_num))[: self.proxy_subset].sort().values
+        return logit_kit.public_rows(task, self.proxy_subset, "proxy", round_num)
 
     def configure(self, task: Task, state: ServerState, client: ClientInfo) -> Payload:
         payload: Payload = {}

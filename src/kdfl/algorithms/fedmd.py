@@ -73,7 +73,6 @@ from torch import Tensor
 from kdfl.algorithms.kit import logits as logit_kit
 from kdfl.algorithms.program import Const, Data, Logits, Model, Phase, Program, fresh_weights
 from kdfl.losses import MAIN, Batch, CrossEntropy, Outputs, kd_kl
-from kdfl.rng import generator
 from kdfl.train import LocalSGD
 from kdfl.types import (
     Client,
@@ -180,10 +179,7 @@ class FedMD:
 
     def rows(self, task: Task, round_num: int) -> Tensor:
         """The alignment subset S_t of ``round_num``: sorted public row indices (int64)."""
-        assert task.proxy is not None
-        n = len(task.proxy)
-        perm = torch.randperm(n, generator=generator(task.seed, "fedmd-alignment", round_num))
-        return perm[: min(self.alignment_size, n)].sort().values
+        return logit_kit.public_rows(task, self.alignment_size, "fedmd-alignment", round_num)
 
     # -- server: init and downlink -------------------------------------------------------
     def init(self, task: Task) -> FedMDState:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,26 +92,11 @@ def distill(
         ``{"distill_loss": mean loss, "distill_steps": steps run}``.
     """
     s = settings
-    if s.steps == 0 or len(inputs) == 0:
-        return {"distill_loss": math.nan, "distill_steps": 0.0}
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer = (
-        torch.optim.Adam(params, lr=s.lr) if s.optimizer == "adam" else torch.optim.SGD(params, lr=s.lr, momentum=0.9)
-    )
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps) if s.cosine else None
-    device = next(student.parameters()).device
-    early = val is not None and s.patience > 0
-    best_acc, best_step, best_state = -1.0, 0, None
-    total, done = 0.0, 0
-    perm, pos = torch.randperm(len(inputs), generator=generator), 0
-    for step in range(1, s.steps + 1):
-        if pos >= len(inputs):
-            perm, pos = torch.randperm(len(inputs), generator=generator), 0
-        idx = perm[pos : pos + s.batch_size]
-        pos += s.batch_size
+
+    def kd_loss(model: nn.Module, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        device = next(model.parameters()).device
         x, q = inputs[idx].to(device), targets[idx].to(device)
-        student.train()
-        out = student(x)  # one forward: BatchNorm statistics move once per step
+        out = model(x)  # one forward: BatchNorm statistics move once per step
         loss = kd_kl(out, q, s.temperature, s.t2)
         if extra_teacher is not None and extra_teacher[1] > 0:
             teacher, lam = extra_teacher
@@ -119,6 +104,42 @@ def distill(
             with torch.no_grad():
                 qe = torch.softmax(teacher(x) / s.temperature, dim=-1)
             loss = loss + lam * kd_kl(out, qe, s.temperature, s.t2)
+        return loss, {}
+
+    return distill_loop(student, len(inputs), kd_loss, s, generator, val)
+
+
+BatchLoss = Callable[[nn.Module, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+def distill_loop(student: nn.Module, n: int, batch_loss: BatchLoss, settings: DistillSettings,
+                 generator: torch.Generator, val: TensorData | None = None) -> dict[str, float]:
+    """The server's training loop, for any loss: ``batch_loss(student, idx) -> (loss,
+    named terms)`` on the rows ``idx`` of the algorithm's data (n rows). Batch order from
+    ``generator`` (a fresh permutation when the rows run out), Adam or SGD (momentum 0.9),
+    optional cosine schedule, gradient clipping and early stopping on ``val``; the student
+    is in train mode during each step. Returns the mean loss (``distill_loss``), the mean
+    of each term and ``distill_steps``."""
+    s = settings
+    if s.steps == 0 or n == 0:
+        return {"distill_loss": math.nan, "distill_steps": 0.0}
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer = (
+        torch.optim.Adam(params, lr=s.lr) if s.optimizer == "adam" else torch.optim.SGD(params, lr=s.lr, momentum=0.9)
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps) if s.cosine else None
+    early = val is not None and s.patience > 0
+    best_acc, best_step, best_state = -1.0, 0, None
+    sums: dict[str, float] = {}
+    done = 0
+    perm, pos = torch.randperm(n, generator=generator), 0
+    for step in range(1, s.steps + 1):
+        if pos >= n:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        idx = perm[pos : pos + s.batch_size]
+        pos += s.batch_size
+        student.train()
+        loss, terms = batch_loss(student, idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip > 0:
@@ -126,7 +147,8 @@ def distill(
         opt.step()
         if sched is not None:
             sched.step()
-        total += float(loss.detach())
+        for k, v in {"distill_loss": loss, **terms}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
         done = step
         if early and (step % s.eval_every == 0 or step == s.steps):
             assert val is not None
@@ -137,4 +159,4 @@ def distill(
                 break
     if best_state is not None:
         student.load_state_dict(best_state)
-    return {"distill_loss": total / max(done, 1), "distill_steps": float(done)}
+    return {**{k: v / max(done, 1) for k, v in sums.items()}, "distill_steps": float(done)}

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from kdfl.aggregation import aggregate_tensors, make_aggregator
+from kdfl.rng import generator
 from kdfl.spec import parse_spec
-from kdfl.types import KdflError
+from kdfl.types import KdflError, Task
 
 SPACES = ("logits", "centered", "standardized", "logprobs", "probs")
 
@@ -116,3 +117,15 @@ def aggregate_logits(x: Tensor, aggregator: str, weights: Sequence[float] | Tens
             return class_weighted_trimmed_mean(x, shares, **{"beta": 0.1, **hyper})
         return (class_weighted_mean if name == "mean" else class_weighted_median)(x, shares)
     return aggregate_tensors(make_aggregator(name, **hyper), list(x), torch.as_tensor(weights))
+
+
+def public_rows(task: Task, size: int, stream: str, round_num: int) -> Tensor:
+    """The sorted rows of the public (proxy) set used in ``round_num``: ``size`` rows
+    drawn from (run seed, ``stream``, round), or all of them when ``size`` is 0 or at
+    least the set's size. Every algorithm that works on a fresh public subset per round
+    (FedMD's alignment set, DS-FL's open subset, FedAD's, FedEMA-Distill's) uses it."""
+    assert task.proxy is not None
+    n = len(task.proxy)
+    if not size or size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator(task.seed, stream, round_num))[:size].sort().values
