@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdfl import wire
-from kdfl.compression import CODECS, FP16, FP32, Int8, TopK, make_codec
+from kdfl.compression import CODECS, FP16, FP32, SVD, Int8, TopK, make_codec, svd_rank
 from kdfl.types import KdflError, PayloadError
 
 
@@ -168,7 +168,8 @@ def test_make_codec():
     assert make_codec("topk:k=2,fill_gap=20").fill_gap == 20
     for codec in (FP32(), FP16(), Int8(), TopK(4), TopK(2, fill_gap=3.0)):
         assert make_codec(codec.name) == codec
-    assert set(CODECS) == {"fp32", "fp16", "int8", "topk"}
+    assert set(CODECS) == {"fp32", "fp16", "int8", "topk", "svd"}
+    assert make_codec("svd:0.9") == SVD(0.9) == make_codec("svd:energy=0.9") and make_codec("svd") == SVD(0.95)
     with pytest.raises(KdflError, match="'int8'"):
         make_codec("int9")
     with pytest.raises(KdflError, match="needs parameter k"):
@@ -187,3 +188,53 @@ def test_make_codec():
         make_codec("topk:k=")
     with pytest.raises(KdflError, match=r"codec 'topk': fill_gap must be a finite number >= 0.01, got 0"):
         TopK(2, fill_gap=0)  # built directly: the same check and message
+
+
+# ----------------------------------------------------------------------------- SVD
+def test_svd_rank_rule():
+    s = torch.tensor([3.0, 2.0, 1.0])  # energies 9, 4, 1 of 14: cumulative 0.643, 0.929, 1
+    assert [svd_rank(s, t) for t in (0.5, 0.643, 0.9, 0.93, 1.0)] == [1, 2, 2, 3, 3]
+    assert svd_rank(torch.zeros(3), 0.9) == 1  # never rank 0 (the reference's bug)
+    assert svd_rank(torch.tensor([1.0]), 1e-9) == 1
+
+
+def test_svd_round_trip_within_error_bound_and_bytes():
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(64, 3, generator=g) @ torch.randn(3, 100, generator=g)  # rank 3
+    noisy = low + 0.05 * torch.randn(64, 100, generator=g)
+    for energy in (0.5, 0.9, 0.99, 1.0):
+        codec = SVD(energy)
+        for x in (low, noisy, *_inputs()):
+            p = codec.encode(x)
+            y = codec.decode(p, shape=tuple(x.shape))
+            assert y.dtype == torch.float32 and y.shape == x.shape
+            assert bool(((y - x).abs() <= codec.error_bound(x)).all()), (energy, x.shape)
+    p = SVD(0.999).encode(low)  # rank 3 holds all the energy
+    assert {k: tuple(v.shape) for k, v in p.items()} == {"u": (64, 3), "s": (3,), "vt": (3, 100)}
+    # magic + count, then per entry: name length, name, dtype, ndim, dims, data (as above)
+    framing = 9 + (2 + 1 + 2 + 8) + (2 + 1 + 2 + 4) + (2 + 2 + 2 + 8)
+    assert wire.nbytes(p) == framing + 4 * 3 * (64 + 100 + 1) == 2025  # vs 25,627 B dense
+    # dense when the factors would not be smaller: one row, a full-rank square, zeros
+    for x in (torch.randn(1, 50, generator=g), torch.randn(4, 4, generator=g), torch.zeros(5, 6)):
+        p = SVD(0.95).encode(x)
+        assert set(p) == {"values"} and torch.equal(SVD().decode(p), x)
+
+
+def test_svd_rejects_malformed_payloads():
+    codec = SVD(0.9)
+    good = codec.encode(torch.randn(20, 2) @ torch.randn(2, 30))
+    k = good["s"].shape[0]
+    cases = {
+        "inconsistent rank": {**good, "s": torch.ones(k + 1)},
+        "missing key 'vt'": {"u": good["u"], "s": good["s"]},
+        "non-finite": {**good, "u": good["u"].clone().fill_(float("nan"))},
+        "dtype": {**good, "s": good["s"].double()},
+        "only 'values'": {"values": torch.zeros(2, 2), "u": good["u"]},
+    }
+    for reason, payload in cases.items():
+        with pytest.raises(PayloadError, match=reason):
+            codec.decode(payload)
+    with pytest.raises(PayloadError, match="expected"):
+        codec.decode(good, shape=(21, 30))
+    with pytest.raises(KdflError, match=r"energy must be a number in \(0, 1\]"):
+        SVD(0.0)

@@ -13,6 +13,12 @@ which is how an executor knows that two clients train the same function and can 
 batched (the per-client tensors travel in ``consts`` and the data, never inside the
 loss). A loss written as a plain function also works; it is then batched only with
 clients that got the very same function object.
+
+A loss that is not a batch mean of per-sample terms (FedKD's weight ``1/(L_T + L_S)`` of
+the batch's losses) says so with a class attribute ``per_sample_mean = False``: the
+vectorized executor then never pads its batches (it only stacks clients with equal batch
+sizes) instead of relying on its numerical check, which near-uniform outputs at
+initialisation can pass.
 """
 
 from __future__ import annotations
@@ -68,6 +74,11 @@ class Outputs:
     def head(self, model: str, z: Tensor) -> Tensor:
         """``model``'s classifier head applied to latents ``z`` (B', feature_dim)."""
         return self._call(model, "head", z)
+
+    def apply(self, model: str, x: Tensor) -> Tensor:
+        """``model`` run on ``x`` (its forward): an adapter of the phase (``Phase.adapters``),
+        e.g. FedKD's learned projection of one model's features into another's."""
+        return self._call(model, "forward", x)
 
 
 class Loss(Protocol):

@@ -121,10 +121,12 @@ def local_train(
         x = data.x[idx].to(device)
         batch = Batch(x, None if data.y is None else data.y[idx].to(device), idx,
                       {k: v[idx].to(device) for k, v in data.targets.items()})
-        values = {name: model_outputs(models[name], x, phase.outputs) for name in phase.train}
+        values = {name: model_outputs(models[name], x, phase.outputs) for name in phase.train
+                  if name not in phase.adapters}
         if phase.frozen:
             with torch.no_grad():
-                values.update({name: model_outputs(models[name], x, phase.outputs) for name in phase.frozen})
+                values.update({name: model_outputs(models[name], x, phase.outputs) for name in phase.frozen
+                               if name not in phase.adapters})
         loss = phase.loss(Outputs(values, params, call), batch, consts)
         if phase.track is not None and tracked is not None:
             assert batch.y is not None  # Program checks that tracking phases have labels

@@ -108,14 +108,35 @@ def round_jobs(name: str, *extra: str):
     return fed, [(c, fed.algorithm.configure(fed.task, state, c.info)) for c in clients]
 
 
+def rebuilt(payload):
+    """``payload`` with truncated-SVD entries (``<name>#u``, ``#s``, ``#vt`` or ``#values``,
+    FedKD's uploads) replaced by the matrices they encode: singular vectors are
+    ill-conditioned where singular values nearly tie, so training differences within
+    ATOL move the factors by far more than the matrix they rebuild."""
+    out, groups = {}, {}
+    for k, v in payload.items():
+        name, sep, part = k.partition("#")
+        if sep:
+            groups.setdefault(name, {})[part] = v
+        else:
+            out[k] = v
+    for name, parts in groups.items():
+        out[name] = parts["values"] if "values" in parts else (parts["u"] * parts["s"]) @ parts["vt"]
+    return out
+
+
 def assert_same_updates(ref, got, exact: bool) -> None:
     assert [type(r) for r in ref] == [type(r) for r in got]
     for a, b in zip(ref, got, strict=True):
         assert a.client_id == b.client_id
         if isinstance(a, ClientFailure):
             continue
-        assert a.payload.keys() == b.payload.keys() and a.num_examples == b.num_examples
-        params_equal(a.payload, b.payload, exact)
+        assert a.num_examples == b.num_examples
+        if exact:
+            assert a.payload.keys() == b.payload.keys()
+            params_equal(a.payload, b.payload, exact)
+        else:
+            params_equal(rebuilt(a.payload), rebuilt(b.payload), exact)
         assert a.metrics.keys() == b.metrics.keys()
         for k, v in a.metrics.items():
             assert v == b.metrics[k] if exact else abs(v - b.metrics[k]) <= ATOL, k

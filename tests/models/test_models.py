@@ -35,7 +35,7 @@ def test_every_model_every_shape(name: str, shape: tuple[int, ...]) -> None:
 
 
 def test_resnet_on_1d_input_message() -> None:
-    with pytest.raises(KdflError, match=r"2-D images.*\(1, 40\).*mlp, cnn"):
+    with pytest.raises(KdflError, match=r"2-D images.*\(1, 40\).*mlp, linear, cnn"):
         build("resnet8", (1, 40), 10)
     with pytest.raises(KdflError, match=r"cnn.*\(60,\).*mlp"):
         build("cnn", (60,), 10)
@@ -123,7 +123,7 @@ def test_arch_string_options_are_applied() -> None:
 
 
 def test_unknown_model_and_option_errors() -> None:
-    with pytest.raises(KdflError, match=r"unknown model 'resnet9'\. Did you mean 'resnet8'.*Available: cnn, mlp"):
+    with pytest.raises(KdflError, match=r"unknown model 'resnet9'\. Did you mean 'resnet8'.*Available: cnn, linear, mlp"):
         build("resnet9", (3, 32, 32), 10)
     with pytest.raises(KdflError, match=r"model 'resnet8' has no option 'depth'; allowed: norm='bn', width=16, groups=2"):
         build("resnet8:depth=20", (3, 32, 32), 10)
@@ -152,7 +152,8 @@ def test_describe() -> None:
     for name, count, text in rows:
         assert count == expected[name] and text
     flat = dict((n, c) for n, c, _ in describe((60,), 10))
-    assert flat["mlp"] == 9098 and all(flat[n] is None for n in MODELS if n != "mlp")
+    assert flat["mlp"] == 9098 and flat["linear"] == 610  # 60 * 10 + 10
+    assert all(flat[n] is None for n in MODELS if n not in ("mlp", "linear"))
     signal = dict((n, c) for n, c, _ in describe((1, 40), 10))
     assert signal["cnn"] and signal["resnet8"] is None
 

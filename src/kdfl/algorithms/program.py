@@ -202,6 +202,9 @@ class Phase:
         name: reported as ``<name>_loss`` in the client's metrics.
         track: statistics accumulated over the phase's batches (:class:`LabelLogits`),
             read by the :class:`Tracked` upload or ``keep_state`` under the phase's name.
+        adapters: models of ``train`` or ``frozen`` that the runners do not run on the
+            batch: the loss applies them itself (``out.apply(name, t)``), e.g. a learned
+            projection between two models' feature spaces (FedKD).
     """
 
     loss: Loss
@@ -213,10 +216,24 @@ class Phase:
     outputs: frozenset[str] = frozenset()
     name: str = "train"
     track: Tracker | None = None
+    adapters: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        stray = [m for m in self.adapters if m not in self.train + self.frozen]
+        if stray:
+            raise KdflError(f"phase {self.name!r}: adapters {stray} must also be listed in train or frozen")
+        if self.track is not None and self.track.model in self.adapters:
+            raise KdflError(f"phase {self.name!r} tracks adapter {self.track.model!r}, which never sees the batch")
 
     @property
     def forward(self) -> tuple[str, ...]:
+        """Every model of the phase (trained and frozen, adapters included)."""
         return self.train + self.frozen
+
+    @property
+    def on_batch(self) -> tuple[str, ...]:
+        """The models the runners run on the batch: all but the adapters."""
+        return tuple(m for m in self.forward if m not in self.adapters)
 
 
 # ----------------------------------------------------------------------------- uploads

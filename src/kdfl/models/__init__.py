@@ -10,6 +10,7 @@ Input shapes: flat (D,) features, 1-D signals (C, L), 2-D images (C, H, W).
 
 | name | inputs | notes |
 |---|---|---|
+| linear | any | flatten -> Linear (softmax regression; also a feature projection) |
 | mlp | any | flatten -> hidden ReLU layers -> Linear |
 | cnn | 1-D, 2-D | two conv blocks -> Linear(64) -> Linear |
 | resnet8/20/32 | 2-D | FedDF's ResNet_cifar; norm bn / gn / none |
@@ -28,7 +29,7 @@ from torch import nn
 
 from kdfl.models.cnn import build_cnn
 from kdfl.models.compact import build_shufflenet
-from kdfl.models.mlp import build_mlp
+from kdfl.models.mlp import build_linear, build_mlp
 from kdfl.models.resnet import resnet_factory
 from kdfl.models.vgg import VGG9
 from kdfl.registry import Option, Registry, default_options
@@ -71,6 +72,12 @@ def _options(spec: ModelSpec) -> dict[str, Option]:
 
 MODELS: Registry[ModelSpec] = Registry("model", options_of=_options)
 MODELS.add("mlp", ModelSpec(build_mlp, "MLP: flatten -> hidden ReLU layers -> linear; any input", {"hidden": (128,)}))
+MODELS.add("linear", ModelSpec(
+    build_linear,
+    "one Linear layer on the flattened input (softmax regression); in_features/out_features (0 = the "
+    "task's) make it a projection between feature spaces",
+    {"in_features": 0, "out_features": 0},
+))
 MODELS.add("cnn", ModelSpec(
     build_cnn,
     "small CNN: 2 conv blocks (width, 2*width) -> FC(hidden) -> linear; 1-D and 2-D",

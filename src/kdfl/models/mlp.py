@@ -91,3 +91,15 @@ def build_mlp(
 ) -> MLP:
     """Factory for the ``mlp`` registry entry."""
     return MLP(input_shape, num_classes, hidden=hidden)
+
+
+def build_linear(input_shape: tuple[int, ...], num_classes: int, in_features: int = 0, out_features: int = 0) -> MLP:
+    """Factory for the ``linear`` registry entry: one Linear layer on the flattened input
+    (softmax regression), i.e. an MLP without hidden layers. ``in_features`` /
+    ``out_features`` (0 = the task's flattened input size / C) make it a learned map
+    between feature spaces: FedKD's projection of the mentee's features to the mentor's."""
+    if in_features < 0 or out_features < 0:
+        raise KdflError(f"linear: in_features and out_features must be >= 0 (0 = the task's), "
+                        f"got {in_features}, {out_features}")
+    shape = (in_features,) if in_features else input_shape
+    return MLP(shape, out_features or num_classes, hidden=())

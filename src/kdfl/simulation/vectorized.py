@@ -22,7 +22,8 @@ What it reproduces of :func:`kdfl.algorithms.program.run_program`:
   a batch of one) and averaged over the real samples only. This equals the unpadded
   batch mean for any loss that is a batch mean of per-sample terms plus a term of the
   parameters (cross-entropy, the proximal term, batch-mean KD), which is checked on the
-  first batch of every group; losses that fail the check, and models with BatchNorm
+  first batch of every group (losses declaring ``per_sample_mean = False`` skip it and
+  count as failing); losses that fail the check, and models with BatchNorm
   (whose batch statistics must not see padding), are bucketed instead: only clients with
   the same data sizes (hence identical batch sizes at every step) are stacked;
 - BatchNorm keeps per-client running statistics (the stacked buffers are updated in
@@ -140,7 +141,7 @@ def _phase_key(ph: Phase, memo: dict[int, Any] | None) -> Hashable:
     dkey = None if d is None else (tuple(d.x.shape[1:]), d.x.dtype, d.y is None,
                                    _tensors_key({k: v[:0] for k, v in d.targets.items()}))
     key = (ph.name, ph.loss, ph.local, ph.train, ph.frozen, ph.outputs, dkey, _tensors_key(ph.consts, memo),
-           ph.track)
+           ph.track, ph.adapters)
     if memo is not None:
         memo[id(ph)] = key
     return key
@@ -206,7 +207,7 @@ def _loss_on(models: Mapping[str, nn.Module], ph: Phase, data: Data | TensorData
         return getattr(models[model], method)(*args)  # type: ignore[no-any-return]
 
     x = data.x[rows]
-    values = {name: model_outputs(models[name], x, ph.outputs) for name in ph.forward}
+    values = {name: model_outputs(models[name], x, ph.outputs) for name in ph.on_batch}
     targets = getattr(data, "targets", {})
     batch = Batch(x, None if data.y is None else data.y[rows], rows, {k: v[rows] for k, v in targets.items()})
     params = {name: dict(models[name].named_parameters()) for name in ph.forward}
@@ -350,6 +351,8 @@ class Vectorized:
 
     def _decomposable(self, templates: Mapping[str, nn.Module], it: _Item) -> bool:
         """Whether every phase's loss of a padded batch can be computed per sample."""
+        if any(getattr(ph.loss, "per_sample_mean", True) is False for ph in it.program.phases):
+            return False
         models = {name: copy.deepcopy(t) for name, t in templates.items()}
         for name, m in it.program.models.items():
             models[name].load_state_dict(m.weights)
@@ -376,7 +379,9 @@ class Vectorized:
         act = 0
         if data is not None and len(data):
             x1 = data.x[:1].to(next(iter(templates.values())).parameters().__next__().device)
-            act = sum(_activation_values(t, x1) for t in templates.values()) + data.x[0].numel()
+            adapters = {m for ph in items[0].program.phases for m in ph.adapters}
+            act = sum(_activation_values(t, x1) for name, t in templates.items() if name not in adapters)
+            act += data.x[0].numel()
         # p, grad, momentum, update temporaries; forward + backward activations (x3 for vmap copies)
         per_client = 4 * (5 * n_params + 3 * bs * act)
         return max(1, min(self.max_chunk, int(self.max_memory_mb * 2**20 // max(per_client, 1))))
@@ -493,6 +498,8 @@ class Vectorized:
             for m in ph.forward:
                 params[m] = {**pr.get(m, {}), **{n: fz[m][n] for n in fz[m] if n in param_names[m]}}
                 buffers[m] = {n: fz[m][n] for n in fz[m] if n not in param_names[m]}
+                if m in ph.adapters:  # the loss applies it (out.apply)
+                    continue
                 out = functional_call(templates[m], (params[m], buffers[m]), (x,), kwargs if ph.outputs else None)
                 values[m] = out if ph.outputs else {"logits": out}
 
