@@ -23,6 +23,7 @@ from kdfl.algorithms.fedavgm import FedAvgM
 from kdfl.algorithms.feddf import FedDF
 from kdfl.algorithms.feddistill import FedDistill
 from kdfl.algorithms.fedema_distill import FedEMADistill
+from kdfl.algorithms.fedgen import FedGen
 from kdfl.algorithms.fedkd import FedKD
 from kdfl.algorithms.fedmd import FedMD
 from kdfl.algorithms.fedntd import FedNTD
@@ -48,6 +49,7 @@ ALGORITHMS: Registry[type[Any]] = Registry("algorithm", {
     "fedmd": FedMD,
     "dsfl": DSFL,
     "fedntd": FedNTD,
+    "fedgen": FedGen,
     "fml": FML,
     "fedproto": FedProto,
     "fedkd": FedKD,
@@ -128,5 +130,5 @@ def build_algorithm(name: str, local: LocalSGD, options: Mapping[str, Any]) -> A
         raise KdflError(f"algorithm {name!r}: {e}") from None
 
 
-__all__ = ["ALGORITHMS", "DSFL", "FD", "FedAD", "FedAvg", "FedAvgM", "FedDF", "FedDistill", "FedEMADistill", "FedKD", "FedMD",
+__all__ = ["ALGORITHMS", "DSFL", "FD", "FedAD", "FedAvg", "FedAvgM", "FedDF", "FedDistill", "FedEMADistill", "FedGen", "FedKD", "FedMD",
            "FedNTD", "FedProto", "FedProx", "FedSSD", "FML", "Local", "build_algorithm", "register", "resolve"]
