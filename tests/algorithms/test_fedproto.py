@@ -16,12 +16,22 @@ from kdfl.algorithms.fedproto import FedProtoState, ProtoLoss, aggregate, class_
 from kdfl.algorithms.program import run_program
 from kdfl.losses import Batch, Outputs
 from kdfl.rng import derive
+from kdfl.simulation.clients import evaluate_client
 from kdfl.simulation.executors import Sequential
 from kdfl.simulation.parallel import Parallel
 from kdfl.simulation.vectorized import Vectorized
 from kdfl.train import LocalSGD
 from kdfl.transport import pack
-from kdfl.types import Client, ClientInfo, ClientUpdate, KdflError, PayloadError, Task, TensorData
+from kdfl.types import (
+    Client,
+    ClientInfo,
+    ClientState,
+    ClientUpdate,
+    KdflError,
+    PayloadError,
+    Task,
+    TensorData,
+)
 
 SIZES = [7, 13, 20, 3, 16, 16, 1, 9]  # unequal, ragged last batches
 LOCAL = LocalSGD(epochs=2, batch_size=5, lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -160,6 +170,35 @@ def test_nearest_prototype_ignores_classes_without_one():
     assert nearest_prototype(f, protos, torch.tensor([1, 1, 1])).tolist() == [2, 1, 0]
 
 
+def test_nearest_prototype_accuracy_as_per_client_metric_by_hand():
+    """The kept model's features are relu(x) (identity hidden layer) and its zero head
+    predicts class 0 everywhere; the global prototypes of classes 0 and 1 decide the
+    nearest-prototype predictions (class 2 has none)."""
+    task = hand_task()
+    task = Task(train=task.train, test=TensorData(torch.tensor([[0.9, 0.9], [9.0, 9.0], [0.1, 0.0], [1.0, 1.0]]),
+                                                  torch.tensor([0, 1, 0, 2])),
+                proxy=None, val=None, num_classes=3, input_shape=(2,), server_arch=task.server_arch,
+                client_archs=task.client_archs, build_model=task.build_model)
+    kept = {"body.1.weight": torch.eye(2), "body.1.bias": torch.zeros(2), "classifier.weight": torch.zeros(3, 2),
+            "classifier.bias": torch.zeros(3)}
+    client = Client(0, task.train, "mlp:hidden=2", 3, seed=0, state=ClientState({"model": kept}))
+    holdout = TensorData(torch.tensor([[0.9, 0.9], [9.0, 9.0], [-5.0, -5.0]]), torch.tensor([2, 1, 0]))
+    down = {"protos": torch.tensor([[0.0, 0.0], [10.0, 10.0], [1.0, 1.0]]), "proto_holders": torch.tensor([2, 1, 0])}
+    alg = FedProto()
+    # test: prototypes predict 0, 1, 0, 0 (3 of 4 right), the head 0 everywhere (2 of 4);
+    # held-out: prototypes 0, 1, 0 (2 of 3; [-5, -5] -> relu 0 -> class 0), the head 1 of 3
+    assert evaluate_client(alg, task, down, client, holdout) == pytest.approx(
+        {"test_accuracy": 0.5, "test_proto_accuracy": 0.75, "accuracy": 1 / 3, "proto_accuracy": 2 / 3})
+    assert alg.client_eval_metrics(task, down, client, task.new_model("mlp:hidden=2"), holdout).keys() == {
+        "proto_accuracy"}
+    # before the first aggregate (empty downlink) or with no class held: local-head inference only
+    assert evaluate_client(alg, task, {}, client, holdout) == pytest.approx({"test_accuracy": 0.5, "accuracy": 1 / 3})
+    none_held = {**down, "proto_holders": torch.zeros(3, dtype=torch.long)}
+    assert evaluate_client(alg, task, none_held, client, None) == {"test_accuracy": 0.5}
+    # a client without a kept model (never trained): nothing at all
+    assert evaluate_client(alg, task, down, Client(1, task.train, "mlp:hidden=2", 1, seed=0), holdout) == {}
+
+
 @pytest.mark.parametrize(("payload", "reason"), [
     ({"protos": torch.zeros(3, 2)}, "expected entries"),
     ({"protos": torch.zeros(3, 2), "label_counts": torch.zeros(3, dtype=torch.long), "x": torch.ones(1)},
@@ -227,7 +266,9 @@ def test_executors_agree_and_batch_heterogeneous_clients():
 
 
 # ----------------------------------------------------------------------------- learning
-def test_learns_on_digits():
+def test_learns_on_digits(tmp_path):
+    import json
+
     from kdfl import config as config_mod
     from kdfl import experiment
 
@@ -237,9 +278,18 @@ def test_learns_on_digits():
         "local.epochs=2", "local.batch_size=16", "local.lr=0.05", "local.momentum=0.9", "run.rounds=4",
         "algorithm.name=fedproto", "data.client_holdout=0.2", "run.client_eval_every=2",
     ])
-    hist = experiment.run(cfg)
+    hist = experiment.run(cfg, out=tmp_path)
     recs = hist.records
     assert "accuracy" not in recs[-1] and hist.state.params == {}
     assert recs[-1]["classes_with_prototype"] == 10
     assert recs[-1]["uplink_bytes_per_client"] == 2687  # (10, 64) float32 + (10,) int64 + framing
     assert recs[-1]["client_accuracy_mean"] > 0.8 and recs[-1]["client_accuracy_mean"] > recs[1]["client_accuracy_mean"]
+    # both inferences per client: local head and nearest global prototype, in every place
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for split in ("", "test_"):
+        for stat in ("mean", "std", "worst10", "best"):
+            assert summary[f"client_{split}accuracy_{stat}"] is not None
+            assert summary[f"client_{split}proto_accuracy_{stat}"] == recs[-1][f"client_{split}proto_accuracy_{stat}"]
+    assert summary["client_proto_accuracy_mean"] > 0.5  # 10 classes: chance is 0.1
+    per = json.loads((tmp_path / "clients.json").read_text())["client_eval"]
+    assert len(per["proto_accuracy"]) == len(per["accuracy"]) == len(per["test_proto_accuracy"]) == 6

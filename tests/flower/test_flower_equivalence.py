@@ -63,6 +63,26 @@ def test_one_flower_round_equals_one_simulator_round(algorithm, monkeypatch):
     _assert_same_round(ref, flower)
 
 
+def test_algorithm_per_client_metrics_come_back_from_flower_nodes(monkeypatch):
+    """FedProto's nearest-prototype accuracy (its ``client_eval_metrics``), evaluated on
+    the nodes on EVALUATE messages, equals the simulator's, statistics included."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from kdfl.flower import server_app
+    from kdfl.flower.client_app import make_client_app
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    cfg = load_config(CONFIG, ["run.rounds=2", "algorithm.name=fedproto", "compression.uplink='fp32'",
+                               "data.client_holdout=0.2", "model.arch='mlp:hidden=32'"])
+    ref = _single_threaded(lambda: experiment.run(cfg))
+    flower = _single_threaded(lambda: server_app.run(LocalGrid(make_client_app(), cfg["data"]["num_clients"]), cfg))
+    assert len(ref.clients["client_eval"]["proto_accuracy"]) == 3
+    assert flower.clients == ref.clients
+    for key in ("client_proto_accuracy_mean", "client_test_proto_accuracy_worst10", "client_accuracy_mean"):
+        assert flower.summary[key] == ref.summary[key] is not None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedema_distill"])
 def test_one_round_on_flower_simulation_engine_equals_simulator(algorithm):

@@ -84,6 +84,61 @@ def test_evaluate_client_on_holdout_and_test_by_hand():
                            holdout) == {}
 
 
+def test_client_eval_metrics_hook_adds_per_client_metrics_everywhere():
+    """An algorithm's ``client_eval_metrics`` runs on the same model and splits as the
+    accuracies (keys as they are on the held-out split, ``test_`` on the test set), and
+    its keys get the same per-client lists and statistics, down to the summary."""
+    task, parts = tiny_task()
+
+    class Alg:
+        def client_model(self, task, downlink, client):
+            return Model("linear", {"weight": torch.zeros(2, 2)})
+
+        def client_eval_metrics(self, task, downlink, client, module, data):
+            assert not module.weight.any()  # the client's model, loaded
+            return {"rows": len(data)} if client.id == 1 or "all" in downlink else {}
+
+    client = Client(1, task.train.subset(parts[1]), "linear", 1, seed=0)
+    holdout = TensorData(torch.tensor([[0.0, 2.0], [1.0, 0.0]]), torch.tensor([1, 0]))
+    out = evaluate_client(Alg(), task, {}, client, holdout)
+    assert out == {"test_accuracy": 0.25, "test_rows": 4.0, "accuracy": 0.5, "rows": 2.0}
+    assert evaluate_client(Alg(), task, {}, client, None) == {"test_accuracy": 0.25, "test_rows": 4.0}
+
+    class Clash(Alg):
+        def client_eval_metrics(self, task, downlink, client, module, data):
+            return {"accuracy": 1.0}
+
+    with pytest.raises(KdflError, match="reserved"):
+        evaluate_client(Clash(), task, {}, client, holdout)
+
+    class Transport:  # two clients; client 2 is Byzantine (listed, not in the statistics)
+        def __init__(self, results):
+            self.results = results
+
+        def evaluate(self, round_num, jobs):
+            return self.results
+
+    from kdfl.algorithms import Local
+    from kdfl.simulation.rounds import client_eval_record, summarize
+
+    task.client_archs.append("linear")
+    task.malicious = frozenset({2})
+    results = [{"test_accuracy": 0.5, "rows": 2.0, "test_rows": 4.0, "once": 1.0},
+               {"test_accuracy": 1.0, "rows": 4.0, "test_rows": 4.0}, {"test_accuracy": 0.0, "rows": 9.0}]
+    alg = Local()
+    rec = client_eval_record(alg, task, alg.init(task), 3, 3, Transport(results))
+    per = rec["client_eval"]
+    assert per["rows"] == [2.0, 4.0, 9.0] and per["test_accuracy"] == [0.5, 1.0, 0.0] and per["malicious"] == [2]
+    assert "once" not in per and "test_rows" not in per  # keys some clients lack: no list, no statistics
+    assert rec["client_rows_mean"] == 3.0 and rec["client_rows_worst10"] == 2.0 and rec["client_rows_best"] == 4.0
+    assert "client_once_mean" not in rec and "client_accuracy_mean" not in rec
+    summary = summarize([{"round": 3, "uplink_bytes_per_client": 0.0, "downlink_bytes_per_client": 0.0,
+                          "uplink_bytes": 0, "downlink_bytes": 0, "wall_seconds": 0.0, "failed": [],
+                          "rejected": [], **rec}], None)
+    assert summary["client_rows_std"] == 1.0 and summary["client_test_accuracy_mean"] == 0.75
+    assert summary["client_accuracy_mean"] is None  # the standard keys are always there
+
+
 # ----------------------------------------------------------------------------- local
 def test_local_uploads_nothing_keeps_its_model_and_has_no_global_model():
     task, parts = blob_task(num_clients=4)  # every client holds all three classes

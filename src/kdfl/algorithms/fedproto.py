@@ -20,7 +20,12 @@ Round t, as implemented:
   4. server: per class, the mean of the prototypes of the clients holding it, unweighted
      ("clients", default) or weighted by their counts ("counts").
   5. nothing to evaluate globally (``params = {}``): per-client metrics evaluate each
-     client's kept model with its own head (local-head inference).
+     client's kept model with its own head (local-head inference: ``accuracy``,
+     ``test_accuracy``) and with the paper's nearest-prototype inference (the class of
+     the nearest global prototype to the model's features, :func:`nearest_prototype`:
+     ``proto_accuracy``, ``test_proto_accuracy``; from the first aggregate on), on the
+     same held-out split and test set; the summary has both as ``client_accuracy_*`` and
+     ``client_proto_accuracy_*`` (and the ``client_test_*`` ones).
 
 What follows the references and what is ours:
   - Prototypes as class means of the embedding, the regulariser λ·‖f(x) − C̄_y‖² as an
@@ -33,8 +38,9 @@ What follows the references and what is ours:
     samples: ``weighting = "counts"`` gives Σ_i |D_ij|·C_ij / N_j.
   - Ours: the prototypes are computed after the local epochs in eval mode over all of the
     client's data (PFLlib does the same in ``collect_protos``; the official code averages
-    the training forward passes of the last epoch). Nearest-prototype inference (the
-    paper's alternative) is not reported; see :func:`nearest_prototype`.
+    the training forward passes of the last epoch). Both inferences are reported (the paper
+    describes both); the nearest-prototype one uses the global prototypes the client would
+    receive next round (those of the last aggregate).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from kdfl.types import (
     RoundMetrics,
     ServerState,
     Task,
+    TensorData,
 )
 
 PROTOS, HOLDERS, COUNTS = "protos", "proto_holders", "label_counts"
@@ -210,6 +217,23 @@ class FedProto:
         """The client's own model (local-head inference)."""
         own = client.kept(MAIN)
         return None if own is None else Model(client.arch, own)
+
+    def client_eval_metrics(self, task: Task, downlink: Payload, client: Client, module: nn.Module,
+                            data: TensorData) -> dict[str, float]:
+        """Nearest-prototype inference for per-client metrics: ``proto_accuracy`` of the
+        client's model (``module``, from :meth:`client_model`) with the global prototypes
+        of the downlink on ``data``; nothing before the first aggregate."""
+        protos, holders = downlink.get(PROTOS), downlink.get(HOLDERS)
+        if protos is None or holders is None or not bool((holders > 0).any()) or not len(data):
+            return {}
+        module.eval()
+        device = next(module.parameters()).device
+        hits = 0
+        with torch.no_grad():
+            for s in range(0, len(data), 2048):
+                z = module.features(data.x[s: s + 2048].to(device)).cpu()  # type: ignore[operator]
+                hits += int((nearest_prototype(z, protos, holders) == data.y[s: s + 2048].cpu()).sum())
+        return {"proto_accuracy": hits / len(data)}
 
     # -- server: validate and update --------------------------------------------------
     def validate(self, task: Task, state: ServerState, update: ClientUpdate) -> None:

@@ -9,7 +9,9 @@ into a model with the algorithm's optional ``client_model(task, downlink, client
 method, or with :func:`default_client_model`, and evaluates it on its own held-out split
 (``data.client_holdout``, drawn from its own data with its own label mix) and on the
 global test set. Clients without a model (an algorithm whose clients hold none) report
-nothing.
+nothing. An algorithm adds its own per-client metrics with the optional
+``client_eval_metrics(task, downlink, client, module, data)`` method (see
+:func:`evaluate_client`); they go everywhere the accuracies go.
 
 **Client state.** :class:`ClientStore` holds the stateful clients' :class:`ClientState`
 between rounds: all in memory, or the most recently used ``in_memory`` of them in memory
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from kdfl.algorithms.program import Model
 from kdfl.losses import MAIN
@@ -66,10 +69,35 @@ def client_model(algorithm: Any, task: Task, downlink: Payload, client: Client) 
     return fn(task, downlink, client) if fn is not None else default_client_model(task, downlink, client)
 
 
+RESERVED = frozenset({"accuracy", "clients", "malicious"})
+
+
+def extra_metrics(algorithm: Any, task: Task, downlink: Payload, client: Client, module: nn.Module,
+                  data: TensorData, prefix: str = "") -> dict[str, float]:
+    """The algorithm's optional ``client_eval_metrics`` on one split, its keys prefixed
+    (``"test_"`` on the test set); ``{}`` for an algorithm without it."""
+    fn = getattr(algorithm, "client_eval_metrics", None)
+    if fn is None:
+        return {}
+    got = fn(task, downlink, client, module, data)
+    clash = sorted(set(got) & RESERVED)
+    if clash:
+        raise KdflError(f"client_eval_metrics returned the reserved keys {clash}; name extra metrics otherwise "
+                        "(e.g. proto_accuracy)")
+    return {f"{prefix}{k}": float(v) for k, v in got.items()}
+
+
 def evaluate_client(algorithm: Any, task: Task, downlink: Payload, client: Client,
                     holdout: TensorData | None) -> dict[str, float]:
     """``{"accuracy": on the held-out split (when there is one), "test_accuracy": on the
-    global test set}`` of the client's model; ``{}`` when the client has no model."""
+    global test set}`` of the client's model; ``{}`` when the client has no model.
+
+    An algorithm with the optional method ``client_eval_metrics(task, downlink, client,
+    module, data) -> dict[str, float]`` adds its own metrics of the same model on the same
+    splits: it is called with ``module`` (the client's model, weights loaded) and ``data``
+    (the test set, then the held-out split when there is one); its keys are used as they
+    are for the held-out split and prefixed with ``test_`` for the test set
+    (``proto_accuracy``, ``test_proto_accuracy``)."""
     model = client_model(algorithm, task, downlink, client)
     if model is None:
         return {}
@@ -77,8 +105,10 @@ def evaluate_client(algorithm: Any, task: Task, downlink: Payload, client: Clien
     try:
         module.load_state_dict(model.weights)
         out = {"test_accuracy": evaluate(module, task.test)["accuracy"]}
+        out.update(extra_metrics(algorithm, task, downlink, client, module, task.test, "test_"))
         if holdout is not None and len(holdout):
             out["accuracy"] = evaluate(module, holdout)["accuracy"]
+            out.update(extra_metrics(algorithm, task, downlink, client, module, holdout))
         return out
     finally:
         task.return_model(model.arch, module)

@@ -189,22 +189,26 @@ def client_eval_record(algorithm: Algorithm, task: Task, state: ServerState, rou
                        transport: Transport) -> dict[str, Any]:
     """Per-client metrics after ``round_num``: every client evaluates its model (see
     :mod:`kdfl.simulation.clients`). Statistics are over the honest clients (the
-    Byzantine ones are listed but not counted)."""
+    Byzantine ones are listed but not counted): ``client_<key>_{mean,std,worst10,best}``
+    for ``accuracy``, ``test_accuracy`` and the keys of the algorithm's optional
+    ``client_eval_metrics``, each for a key every evaluated client reports."""
     from kdfl.simulation.clients import client_stats
 
     infos = [ClientInfo(c, task.client_archs[c], round_num + 1) for c in range(num_clients)]
     results = transport.evaluate(round_num, [(i, algorithm.configure(task, state, i)) for i in infos])
     ids = [i.id for i, r in zip(infos, results, strict=True) if r]
     per: dict[str, list[Any]] = {"clients": ids, "malicious": [c for c in ids if c in task.malicious]}
-    for key in ("accuracy", "test_accuracy"):
+    base = ("accuracy", "test_accuracy")
+    keys = [*base, *sorted({k for r in results for k in r} - set(base))]
+    for key in keys:
         vals = [r[key] for r in results if r and key in r]
         if len(vals) == len(ids) and ids:
             per[key] = vals
     out: dict[str, Any] = {"client_eval": per}
     honest = [k for k, c in enumerate(ids) if c not in task.malicious]
-    for key, prefix in (("accuracy", "client_accuracy"), ("test_accuracy", "client_test_accuracy")):
+    for key in keys:
         if key in per:
-            out.update(client_stats([per[key][k] for k in honest], prefix))
+            out.update(client_stats([per[key][k] for k in honest], f"client_{key}"))
     return out
 
 
@@ -269,8 +273,10 @@ def summarize(records: Sequence[dict[str, Any]], target: float | None,
     accs = [r["accuracy"] for r in evals]
     last = evals[-1] if evals else {}
     per_client: dict[str, Any] = clients or next((r for r in reversed(records) if "client_eval" in r), {})
-    client_keys = [f"{p}_{s}" for p in ("client_accuracy", "client_test_accuracy")
-                   for s in ("mean", "std", "worst10", "best")]
+    stats = ("_mean", "_std", "_worst10", "_best")
+    client_keys = [f"{p}{s}" for p in ("client_accuracy", "client_test_accuracy") for s in stats]
+    client_keys += [k for k in per_client if k.startswith("client_") and k.endswith(stats)  # client_eval_metrics
+                    and k not in client_keys]
     return {
         "rounds": len(records),
         "final_accuracy": last.get("accuracy"),
