@@ -232,3 +232,16 @@ def test_projection_only_where_the_feature_widths_differ():
         assert (prog.models[PROJ].arch if PROJ in prog.models else None) == proj
         assert prog.keep == ((MENTOR, PROJ) if proj else (MENTOR,))
         assert prog.phases[0].adapters == ((PROJ,) if proj else ())
+
+
+def test_shipped_config_sends_at_most_0_3x_fedavgs_uplink():
+    """configs/fedkd.toml (first 3 rounds) against the same file with algorithm.name = fedavg."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "fedkd.toml"
+    short = ["run.rounds=3", "data.num_samples=4000", "local.epochs=1"]
+    kd = experiment.run(config_mod.load(path, short))
+    avg = experiment.run(config_mod.load(path, [*short, "algorithm.name=fedavg"]))
+    up_kd = sum(r["uplink_bytes"] for r in kd.records)
+    up_avg = sum(r["uplink_bytes"] for r in avg.records)
+    assert up_kd <= 0.3 * up_avg, (up_kd, up_avg)
