@@ -9,7 +9,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,13 @@ def cfg_archs(cfg: dict[str, Any]) -> list[str]:
     return assign_archs(cfg["data"]["num_clients"], m["arch"], list(m["client_archs"]), m["assign"])
 
 
-def run_jobs(jobs: Sequence[Job], workers: int, log_path: Path | None = None) -> list[dict[str, Any]]:
+def run_jobs(jobs: Sequence[Job], workers: int, log_path: Path | None = None,
+             runner: Callable[[Job], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Run every job (in ``workers`` processes); results in job order, also appended as
     JSON lines to ``log_path`` as they finish. Jobs already in ``log_path`` (same data,
-    method, seed and overrides) are not run again, so an interrupted benchmark continues."""
+    method, seed and overrides) are not run again, so an interrupted benchmark continues.
+    ``runner`` replaces the default :func:`_run` (a picklable, module-level function that
+    returns at least ``_run``'s keys)."""
     results: list[dict[str, Any]] = []
     done: dict[tuple[str, str, int, str], dict[str, Any]] = {}
     if log_path is not None and log_path.exists():
@@ -70,7 +73,8 @@ def run_jobs(jobs: Sequence[Job], workers: int, log_path: Path | None = None) ->
 
         ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx) if workers > 1 else None
-    it = pool.map(_run, jobs) if pool is not None else map(_run, jobs)
+    fn = runner or _run
+    it = pool.map(fn, jobs) if pool is not None else map(fn, jobs)
     for res in it:
         results.append(res)
         s = res["summary"]
