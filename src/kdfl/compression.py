@@ -422,6 +422,46 @@ class SVD:
         return torch.full_like(x, dropped + (k + 1) * float(s[0]) * _SVD_SLACK)
 
 
+FACTOR_SEP = "#"  # payload entries "<name>#u", "#s", "#vt" (or "#values"): one SVD-encoded matrix
+
+
+def unfactor(payload: Payload) -> tuple[Payload, dict[str, int]]:
+    """The payload with every SVD-encoded matrix (``<name>#u/#s/#vt`` or ``<name>#values``,
+    :class:`SVD`'s parts under :data:`FACTOR_SEP`) rebuilt as one entry ``<name>``, and the
+    rank each was sent at (0 = dense). Used where uploads are compared or manipulated
+    entry by entry (Byzantine attacks): factors of different ranks do not stack."""
+    out: Payload = {}
+    groups: dict[str, Payload] = {}
+    for k, v in payload.items():
+        name, sep, part = k.partition(FACTOR_SEP)
+        if sep:
+            groups.setdefault(name, {})[part] = v
+        else:
+            out[k] = v
+    ranks = {}
+    for name, parts in groups.items():
+        out[name] = SVD().decode(parts)
+        ranks[name] = 0 if "values" in parts else int(parts["s"].shape[0])
+    return out, ranks
+
+
+def refactor(payload: Payload, ranks: Mapping[str, int]) -> Payload:
+    """Inverse of :func:`unfactor`: the entries named in ``ranks`` as SVD parts of that
+    rank (the best rank-k approximation; 0 = dense values), the rest unchanged."""
+    out: Payload = {}
+    for k, v in payload.items():
+        if k not in ranks:
+            out[k] = v
+        elif ranks[k] == 0:
+            out[k + FACTOR_SEP + "values"] = v.float()
+        else:
+            u, s, vt = torch.linalg.svd(v.double(), full_matrices=False)
+            r = ranks[k]
+            parts = {"u": u[:, :r], "s": s[:r], "vt": vt[:r]}
+            out.update({k + FACTOR_SEP + p: t.float().contiguous() for p, t in parts.items()})
+    return out
+
+
 # parameter -> what it accepts (TopK checks the same when built directly)
 _CHECKS: dict[str, Check] = {
     "k": Check(lambda v: is_int(v) and v >= 1, "an integer >= 1 (and <= cols)"),

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from kdfl.attacks import ATTACKS, make_attack
+from kdfl.compression import refactor, unfactor
 from kdfl.rng import generator
 from kdfl.types import Client, ClientUpdate, Task, TensorData
 
@@ -45,8 +46,11 @@ class Threat:
         attack = make_attack(self.name, **self.hyper)
         mask = torch.tensor(malicious)
         rng = generator(task.seed, "attack", round_num)
-        payloads = [dict(u.payload) for u in updates]
-        for key, ref in updates[0].payload.items():
+        # SVD-encoded matrices (FedKD) are attacked as the matrices they encode, then sent
+        # at the attacker's own rank: factors of different ranks would not stack
+        split = [unfactor(u.payload) for u in updates]
+        payloads = [dict(p) for p, _ in split]
+        for key, ref in split[0][0].items():
             same = all(key in p and p[key].shape == ref.shape for p in payloads)
             if not (same and ref.is_floating_point()):
                 continue  # heterogeneous or integer entries are left alone
@@ -54,7 +58,8 @@ class Threat:
             x = attack(x, mask, rng)
             for p, row in zip(payloads, x, strict=True):
                 p[key] = row.reshape(ref.shape).to(ref.dtype)
-        return [dataclasses.replace(u, payload=p) for u, p in zip(updates, payloads, strict=True)]
+        return [dataclasses.replace(u, payload=refactor(p, ranks) if ranks else p) if bad else u
+                for u, p, (_, ranks), bad in zip(updates, payloads, split, malicious, strict=True)]
 
 
 def make_threat(attack_cfg: dict[str, Any], num_classes: int) -> Threat | None:

@@ -245,3 +245,32 @@ def test_shipped_config_sends_at_most_0_3x_fedavgs_uplink():
     up_kd = sum(r["uplink_bytes"] for r in kd.records)
     up_avg = sum(r["uplink_bytes"] for r in avg.records)
     assert up_kd <= 0.3 * up_avg, (up_kd, up_avg)
+
+
+def test_upload_attacks_act_on_the_matrices_the_factors_encode():
+    from kdfl.attacks import make_attack
+    from kdfl.compression import unfactor
+    from kdfl.rng import generator
+    from kdfl.threat import make_threat
+
+    fed = federation()
+    g = torch.Generator().manual_seed(1)
+    deltas = [{"w": torch.randn(12, r, generator=g) @ torch.randn(r, 9, generator=g), "b": torch.randn(9, generator=g)}
+              for r in (1, 2, 3, 2)]  # four clients whose factors have different ranks
+    ups = [ClientUpdate(i, 1, compress(d, 0.999, DELTA), {}) for i, d in enumerate(deltas)]
+    assert [u.payload["delta.w#s"].shape[0] for u in ups] == [1, 2, 3, 2]
+    flip = make_threat({"name": "sign_flip", "fraction": 0.25}, 10)
+    out = flip.tamper(ups, [False, False, False, True], 0, fed.task)
+    assert out[3].payload["delta.w#s"].shape == (2,)  # sent at the attacker's own rank
+    torch.testing.assert_close(unfactor(out[3].payload)[0]["delta.w"], -deltas[3]["w"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[3].payload["delta.b"], -deltas[3]["b"])
+    for i in range(3):  # honest uploads untouched
+        assert all(torch.equal(out[i].payload[k], ups[i].payload[k]) for k in ups[i].payload)
+    alie = make_threat({"name": "alie", "fraction": 0.25}, 10).tamper(ups, [False, False, False, True], 0, fed.task)
+    dense = torch.stack([unfactor(u.payload)[0]["delta.w"].reshape(-1) for u in ups])  # (clients, 108)
+    want = make_attack("alie")(dense, torch.tensor([False, False, False, True]), generator(fed.task.seed, "attack", 0))
+    u, s, vt = torch.linalg.svd(want[3].reshape(12, 9).double(), full_matrices=False)
+    rank2 = (u[:, :2] * s[:2]) @ vt[:2]  # what the attacker sends: the best rank-2 approximation
+    assert alie[3].payload["delta.w#s"].shape == (2,)
+    torch.testing.assert_close(unfactor(alie[3].payload)[0]["delta.w"], rank2.float(), atol=1e-5, rtol=0)
+    assert not torch.allclose(rank2.float(), deltas[3]["w"], atol=1e-2)

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from kdfl import tree, wire
 from kdfl.algorithms.kit import weights
 from kdfl.algorithms.program import DELTA, Custom, Model, Phase, Program, fresh_weights
-from kdfl.compression import SVD
+from kdfl.compression import FACTOR_SEP, SVD
 from kdfl.losses import Batch, Outputs
 from kdfl.train import LocalSGD
 from kdfl.types import (
@@ -78,7 +78,7 @@ from kdfl.types import (
 
 MENTOR, MENTEE, PROJ = "mentor", "mentee", "proj"
 SYNC = "mentee_sync"  # kept: the client's copy of the global mentee it last received
-PART = "#"  # "<tensor>#u": a factor of one weight matrix in a payload
+PART = FACTOR_SEP  # "<tensor>#u": a factor of one weight matrix in a payload
 WEIGHTINGS = ("uniform", "examples")
 # downlink entries
 ENERGY, AT, SINCE, ROUNDS, DENSE = "energy", "sync_round", "from_round", "rounds", "mentee."
