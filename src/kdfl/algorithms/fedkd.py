@@ -42,7 +42,13 @@ averages over classes too, a factor 1/C smaller); the hidden loss is the feature
 (the reference pairs transformer layers and their attention maps) and is added once (the
 reference adds it twice, probably by accident); partial participation (the reference
 runs 4 clients every round): a client that missed rounds receives every missed update,
-or dense weights when cheaper, so every client starts from the exact global mentee.
+or dense weights when cheaper, so every client starts from the exact global mentee. (A
+lossy ``[compression] downlink`` codec on top, fp16 say, rounds the factors the clients
+add, so their copies then drift from the server's by that rounding per update until their
+next dense download; the uplink codec has no such effect.)
+
+Byzantine upload attacks see the matrices the factors encode (:func:`kdfl.compression.unfactor`)
+and send their result at the attacker's own rank.
 """
 
 from __future__ import annotations
