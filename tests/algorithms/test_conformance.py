@@ -34,6 +34,7 @@ from kdfl import config as config_mod
 from kdfl import experiment
 from kdfl.algorithms import ALGORITHMS, nested_fields, resolve
 from kdfl.algorithms.program import Custom
+from kdfl.compression import unfactor
 from kdfl.simulation.engine import Engine, RunSettings
 from kdfl.simulation.executors import ClientFailure, Sequential
 from kdfl.simulation.parallel import Parallel
@@ -109,20 +110,10 @@ def round_jobs(name: str, *extra: str):
 
 
 def rebuilt(payload):
-    """``payload`` with truncated-SVD entries (``<name>#u``, ``#s``, ``#vt`` or ``#values``,
-    FedKD's uploads) replaced by the matrices they encode: singular vectors are
-    ill-conditioned where singular values nearly tie, so training differences within
-    ATOL move the factors by far more than the matrix they rebuild."""
-    out, groups = {}, {}
-    for k, v in payload.items():
-        name, sep, part = k.partition("#")
-        if sep:
-            groups.setdefault(name, {})[part] = v
-        else:
-            out[k] = v
-    for name, parts in groups.items():
-        out[name] = parts["values"] if "values" in parts else (parts["u"] * parts["s"]) @ parts["vt"]
-    return out
+    """``payload`` with truncated-SVD entries (FedKD's uploads) replaced by the matrices
+    they encode: singular vectors are ill-conditioned where singular values nearly tie, so
+    training differences within ATOL move the factors by far more than the matrix."""
+    return unfactor(payload)[0]
 
 
 def assert_same_updates(ref, got, exact: bool) -> None:
