@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/kdfl run configs/quickstart.toml --out runs/quickstart
+	$(BIN)/kdfl run configs/quickstart.toml --out runs/quickstart --overwrite
 	$(BIN)/kdfl report runs/quickstart
 
 test: $(STAMP)

@@ -179,8 +179,57 @@ def test_resume_refuses_fewer_rounds_than_done(tmp_path, capsys):
 
 
 def test_resume_without_checkpoint(tmp_path, capsys):
-    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--resume", "--out", str(tmp_path / "new")) == 2
-    assert "no checkpoint.pt" in capsys.readouterr().err
+    new = tmp_path / "new"
+    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--resume", "--out", str(new)) == 2
+    assert "cannot resume" in capsys.readouterr().err and not new.exists()  # nothing half-written
+    new.mkdir()
+    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--resume", "--out", str(new)) == 2
+    assert "has no checkpoint.pt" in capsys.readouterr().err
+
+
+def test_run_directory_errors_and_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--out", str(run)) == 0
+    capsys.readouterr()
+    (run / "summary.md").write_text("old report")
+    # a second run into it is refused, naming the ways out; nothing of the first run is touched
+    before = (run / "metrics.jsonl").read_text()
+    assert kdfl("run", *TINY, "--set", "run.rounds=2", "--quiet", "--out", str(run)) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (run / "metrics.jsonl").read_text() == before
+    # --overwrite replaces it: the old report goes, the new metrics have 2 rounds
+    assert kdfl("run", *TINY, "--set", "run.rounds=2", "--quiet", "--out", str(run), "--overwrite") == 0
+    assert not (run / "summary.md").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert kdfl("run", *TINY, "--quiet", "--out", str(run), "--overwrite", "--resume") == 2
+    assert "contradict" in capsys.readouterr().err
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert kdfl("run", *TINY, "--quiet", "--out", str(a_file)) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x03garbage", None])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys, content):
+    run = tmp_path / "run"
+    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--out", str(run)) == 0
+    ck = run / "checkpoint.pt"
+    ck.write_bytes(content if content is not None else ck.read_bytes()[: len(ck.read_bytes()) // 2])  # or truncated
+    capsys.readouterr()
+    assert kdfl("run", *TINY, "--set", "run.rounds=2", "--quiet", "--out", str(run), "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdfl: error: cannot resume") and "Traceback" not in err
+
+
+def test_config_directory_version_and_attack_without_fraction(tmp_path, capsys):
+    (tmp_path / "a.toml").write_text("")
+    assert kdfl("run", str(tmp_path), "--quiet") == 2
+    assert "is a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        kdfl("--version")
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("kdfl ")
+    assert kdfl("run", *TINY, "--set", "attack.name=sign_flip", "--quiet") == 2
+    assert "attack.fraction" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ report

@@ -22,9 +22,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, args.set or [])
     out = Path(args.out) if args.out else None
+    start, sent = 0, {"up": 0.0, "acc": float("nan")}
+    if args.overwrite and args.resume:
+        raise KdflError("--overwrite and --resume contradict each other: choose one")
+    if out is not None:
+        experiment.check_run_dir(out, args.resume, args.overwrite)  # clear errors before the bar appears
+        if args.resume:  # the bar continues where the run stopped (a corrupt checkpoint is a clear error)
+            from kdfl.simulation import checkpoint
+
+            ck = checkpoint.load(out)
+            start = int(ck["round"])
+            sent["up"] = sum(r.get("uplink_bytes", 0) for r in ck.get("records", [])) / 1e6
     rounds = cfg["run"]["rounds"]
-    bar = tqdm(total=rounds, desc="rounds", unit="round", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
-    sent = {"up": 0.0, "acc": float("nan")}
+    bar = tqdm(total=rounds, initial=start, desc="rounds", unit="round", disable=args.quiet, file=sys.stderr,
+               dynamic_ncols=True)
 
     def on_round(rec: dict[str, Any]) -> None:
         sent["up"] += rec["uplink_bytes"] / 1e6
@@ -33,12 +44,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         bar.set_postfix(acc=f"{sent['acc']:.3f}", up_MB=f"{sent['up']:.2f}", refresh=False)
         bar.refresh()
 
-    if args.resume and out is not None and (out / "checkpoint.pt").exists():
-        import torch
-
-        bar.n = torch.load(out / "checkpoint.pt", weights_only=False)["round"]
-    hist = experiment.run(cfg, out=out, resume=args.resume, on_round=on_round)
-    bar.close()
+    try:
+        hist = experiment.run(cfg, out=out, resume=args.resume, on_round=on_round, overwrite=args.overwrite)
+    finally:  # an error after the start is printed below the bar, not into its line
+        bar.close()
     s = hist.summary
     if s["final_accuracy"] is not None:
         head = (f"final test accuracy {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f}, "
@@ -124,15 +133,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdfl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdfl", description="Federated learning with knowledge distillation.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("--version", action="version", version=f"kdfl {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run an experiment from a TOML config")
     r.add_argument("config", nargs="?", help="config file (configs/*.toml); defaults apply to missing keys")
     r.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     r.add_argument("--out", metavar="DIR", help="run directory: config, metrics.jsonl, summary.json, checkpoints")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace a run already in --out (else that is an error)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--json", action="store_true", help="also print the summary as JSON")
     r.set_defaults(fn=_cmd_run)

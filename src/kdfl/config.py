@@ -242,6 +242,10 @@ def validate(raw: dict[str, Any]) -> Config:
     build_algorithm(cfg["algorithm"]["name"], local, {k: v for k, v in cfg["algorithm"].items() if k != "name"})
     _named(cfg, "attack", {"none": None, **ATTACKS}, "attack", {"fraction": float},
            lambda spec: {} if spec is None else function_hints(spec.fn, ATTACK_INPUTS))
+    attack = cfg["attack"]
+    if attack["name"] != "none" and not attack.get("fraction", 0.0) > 0:
+        raise KdflError(f"attack.name = {attack['name']!r} with attack.fraction = {attack.get('fraction', 0.0)} makes no "
+                        "client malicious: set attack.fraction in (0, 0.5) (e.g. 0.2), or attack.name = \"none\"")
     if cfg["model"]["assign"] not in ("round_robin", "blocks"):
         raise KdflError(f"model.assign must be 'round_robin' or 'blocks', got {cfg['model']['assign']!r}")
     if not 0 <= cfg["data"]["client_holdout"] < 1:
@@ -340,6 +344,10 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
         p = Path(path)
         if not p.exists():
             raise KdflError(f"config file {p} does not exist (see configs/ for examples)")
+        if p.is_dir():
+            files = sorted(q.name for q in p.glob("*.toml"))
+            hint = f", e.g. {p / files[0]}" if files else ""
+            raise KdflError(f"config {p} is a directory: name one config file in it{hint}")
         try:
             raw = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:

@@ -127,13 +127,56 @@ def _check_resume(run_dir: Path, cfg: Config) -> None:
             )
 
 
+# what a run writes into its directory (and `kdfl report` beside it): replaced by overwrite=True
+RUN_FILES = ("config.toml", "partition.txt", "malicious.json", "metrics.jsonl", "summary.json", "clients.json",
+             "checkpoint.pt", "checkpoint.pt.tmp", "summary.md", "report.md")
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is built or written, a run directory that cannot be used:
+    a path that is a file; ``resume`` without a checkpoint there; a directory that already
+    holds a run when neither ``resume`` nor ``overwrite`` is given (its metrics would be
+    silently replaced and its old summary and plots left beside the new ones). With
+    ``overwrite`` the previous run's files are deleted first."""
+    from kdfl.simulation import checkpoint
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise KdflError(f"run directory {run_dir} is a file, not a directory: choose another --out")
+    if resume:
+        if not (run_dir / checkpoint.FILE).is_file():
+            where = "does not exist" if not run_dir.exists() else f"has no {checkpoint.FILE}"
+            raise KdflError(f"cannot resume: {run_dir} {where}. Start the run without --resume.")
+        return
+    old = [f for f in RUN_FILES if (run_dir / f).exists()] + [p.name for p in run_dir.glob("*.png")]
+    if (run_dir / "client_states").is_dir():
+        old.append("client_states/")
+    if not old:
+        return
+    if not overwrite:
+        raise KdflError(f"{run_dir} already holds a run ({', '.join(old[:4])}{', ...' if len(old) > 4 else ''}): "
+                        "continue it with --resume, choose a new --out, or pass --overwrite to replace it")
+    import shutil
+
+    for name in old:
+        target = run_dir / name.rstrip("/")
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
 def run(
     cfg: Config,
     out: str | Path | None = None,
     resume: bool = False,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
 ) -> Any:
     """Build and run the federation; write the run directory when ``out`` is given.
+
+    Args:
+        resume: continue the run in ``out`` from its checkpoint.
+        overwrite: replace a run already in ``out`` (otherwise that is an error).
 
     Returns the engine's :class:`~kdfl.simulation.engine.History`.
     """
@@ -148,8 +191,10 @@ def run(
     if cfg["run"]["threads"]:
         # one thread avoids oversubscription collapse when other processes share the cores
         torch.set_num_threads(cfg["run"]["threads"])
-    fed = build(cfg)
     run_dir = Path(out) if out is not None else None
+    if run_dir is not None:
+        check_run_dir(run_dir, resume, overwrite)
+    fed = build(cfg)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume and (run_dir / "config.toml").exists():

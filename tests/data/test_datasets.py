@@ -209,7 +209,7 @@ def test_missing_file_message(tmp_path, monkeypatch):
     with pytest.raises(KdflError) as e:
         load("cifar100", data_dir=tmp_path, download=False)
     msg = str(e.value)
-    assert "cifar-100-python.tar.gz" in msg and "--data-dir" in msg and str(tmp_path) in msg
+    assert "cifar-100-python.tar.gz" in msg and "--set data.data_dir=DIR" in msg and str(tmp_path) in msg
     assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in msg and "KDFL_DATA_DIR" in msg
 
 
@@ -221,9 +221,14 @@ def test_failed_download_gives_the_fix(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.urllib.request, "urlopen", offline)
     monkeypatch.setitem(datasets.SYSTEM_DIRS, "fashion_mnist", [])  # not Debian's copy either
-    with pytest.raises(KdflError, match="download failed.*no network.*--data-dir"):
+    with pytest.raises(KdflError, match="download failed.*no network.*--set data.data_dir=DIR") as e:
         load("fashion_mnist", data_dir=tmp_path, download=True)
     assert not list(tmp_path.glob("*.part"))  # no half file left behind
+    msg = str(e.value)  # every file of the data set with its address, and Debian's package
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        assert f"{name} from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{name}" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
 
 
 def test_kdfl_data_dir_env(tmp_path, monkeypatch):

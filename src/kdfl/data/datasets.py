@@ -74,7 +74,8 @@ CONTENT_CHECKSUMS: dict[str, str] = {
     "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965",
 }
 # where system packages install data sets, searched after data_dir / KDFL_DATA_DIR / the cache
-SYSTEM_DIRS: dict[str, list[Path]] = {"fashion_mnist": [Path("/usr/share/datasets/fashion-mnist")]}
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
+SYSTEM_DIRS: dict[str, list[Path]] = {"fashion_mnist": [DEBIAN_FASHION_MNIST]}
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
@@ -246,8 +247,17 @@ def _md5(path: Path) -> str:
 
 
 def _fix_hint(filename: str, root: Path) -> str:
-    return (f"download {filename} from {URLS.get(filename, '(its official site)')} and pass "
-            f"--data-dir {root}, or set KDFL_DATA_DIR")
+    """How to get ``filename``: every file of its data set with its address, where to
+    put them (the config key or the environment variable), and the Debian package where
+    there is one."""
+    group = [f for f in URLS if f.endswith("-ubyte.gz")] if filename in CONTENT_CHECKSUMS else [filename]
+    where = "; ".join(f"{f} from {URLS.get(f, '(its official site)')}" for f in group)
+    debian = ""
+    if filename in CONTENT_CHECKSUMS:
+        debian = (" (or, on Debian/Ubuntu as root: apt-get install dataset-fashion-mnist, which kdfl finds in "
+                  f"{DEBIAN_FASHION_MNIST})")
+    return (f"download {where} into {root} (or another directory named by --set data.data_dir=DIR or "
+            f"KDFL_DATA_DIR){debian}")
 
 
 def _content_md5(path: Path) -> str | None:
