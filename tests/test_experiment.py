@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -136,9 +138,38 @@ def test_checkpoints_of_the_old_untyped_state_are_refused_clearly(tmp_path):
 
     cfg = config.load(None, ["run.rounds=1", "model.arch=mlp:hidden=8"])
     experiment.run(cfg, out=tmp_path)
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    from kdfl.simulation import checkpoint
+
+    ck = torch.load(io.BytesIO(checkpoint._read_verified(tmp_path / "checkpoint.pt")), weights_only=False)
     assert ck["format"] == 2
     del ck["format"]  # what kdfl wrote before typed states (ServerState.extra dicts)
     torch.save(ck, tmp_path / "checkpoint.pt")
     with pytest.raises(KdflError, match="older kdfl .*format 1"):
         experiment.run(config.load(None, ["run.rounds=2", "model.arch=mlp:hidden=8"]), out=tmp_path, resume=True)
+
+
+def test_checkpoints_carry_a_checksum_and_keep_the_previous_one(tmp_path):
+    from kdfl.simulation import checkpoint
+
+    over = ["run.rounds=2", "model.arch=mlp:hidden=8", "run.checkpoint_every=1"]
+    experiment.run(config.load(None, over), out=tmp_path)
+    ck, prev = tmp_path / checkpoint.FILE, tmp_path / checkpoint.PREV
+    assert checkpoint.load(tmp_path)["round"] == 2 and prev.exists()  # round 1's checkpoint kept beside
+    assert ck.read_bytes()[-checkpoint.TRAILER:].startswith(checkpoint.TAG)
+    good = ck.read_bytes()
+    # one flipped byte in the middle: torch might still read it; the checksum does not
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    ck.write_bytes(bytes(bad))
+    with pytest.raises(KdflError, match=r"checksum mismatch.*checkpoint.prev.pt: rename it"):
+        checkpoint.load(tmp_path)
+    ck.write_bytes(good[: len(good) // 2])  # truncated: no trailer, unreadable
+    with pytest.raises(KdflError, match="unreadable"):
+        checkpoint.load(tmp_path)
+    ck.unlink()  # a save interrupted between its two renames
+    with pytest.raises(KdflError, match="only checkpoint.prev.pt"):
+        checkpoint.load(tmp_path)
+    os.replace(prev, ck)  # what the message says to do: resume from round 1
+    assert checkpoint.load(tmp_path)["round"] == 1
+    hist = experiment.run(config.load(None, [*over, "run.rounds=3"]), out=tmp_path, resume=True)
+    assert [r["round"] for r in hist.records] == [1, 2, 3]

@@ -129,7 +129,7 @@ def _check_resume(run_dir: Path, cfg: Config) -> None:
 
 # what a run writes into its directory (and `kdfl report` beside it): replaced by overwrite=True
 RUN_FILES = ("config.toml", "partition.txt", "malicious.json", "metrics.jsonl", "summary.json", "clients.json",
-             "checkpoint.pt", "checkpoint.pt.tmp", "summary.md", "report.md")
+             "checkpoint.pt", "checkpoint.pt.tmp", "checkpoint.prev.pt", "summary.md", "report.md")
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

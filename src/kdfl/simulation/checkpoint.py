@@ -3,37 +3,97 @@
 A checkpoint holds the round, the algorithm's typed server state, the clients' kept
 states and the records so far, tagged with a format version: checkpoints written before
 typed states (format 1, an untyped ``extra`` dict) cannot be resumed, and say so.
+
+Checkpoints cannot lie: each is written to a temporary file, followed by a trailer with
+the SHA-256 of everything before it, and renamed into place only once complete; the
+previous checkpoint is kept as ``checkpoint.prev.pt`` until then. Loading verifies the
+checksum, so a truncated, altered or foreign file is a clear error that names the
+previous checkpoint when there is one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
 from kdfl.types import KdflError, ServerState
 
+log = logging.getLogger(__name__)
+
 FILE = "checkpoint.pt"
+PREV = "checkpoint.prev.pt"  # the checkpoint before the last one
 FORMAT = 2  # 2: typed ServerState subclasses and ClientState; 1 (no "format" key): ServerState.extra dicts
+TAG = b"\nKDFL-SHA256:"  # trailer: TAG + 64 hex digits + b"\n"
+TRAILER = len(TAG) + 64 + 1
 
 
 def save(run_dir: Path, payload: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename) so a kill mid-write never corrupts it."""
+    """Write ``payload`` plus its checksum to a temporary file, keep the current
+    checkpoint as :data:`PREV`, then rename the new one into place: a kill at any moment
+    leaves a complete checkpoint (the new one, or the previous one under one of the names)."""
     tmp = run_dir / (FILE + ".tmp")
-    torch.save({**payload, "format": FORMAT}, tmp)
+    h = hashlib.sha256()
+    with open(tmp, "wb") as f:
+        torch.save({**payload, "format": FORMAT}, cast(IO[bytes], _Hashing(f, h)))
+        f.write(TAG + h.hexdigest().encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if (run_dir / FILE).exists():
+        os.replace(run_dir / FILE, run_dir / PREV)
     os.replace(tmp, run_dir / FILE)
+
+
+class _Hashing(io.RawIOBase):
+    """A write-only file that hashes what passes through it."""
+
+    def __init__(self, f: Any, h: Any) -> None:
+        super().__init__()
+        self.f, self.h = f, h
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.h.update(b)
+        return int(self.f.write(b))
+
+
+def _read_verified(path: Path) -> bytes:
+    """The checkpoint's bytes without the trailer, after checking the checksum."""
+    data = path.read_bytes()
+    body, trailer = data[:-TRAILER], data[-TRAILER:]
+    if len(data) < TRAILER or not trailer.startswith(TAG):
+        # kdfl before checksums (or not kdfl at all: torch.load and the format check decide)
+        log.warning("%s has no checksum (written by an earlier kdfl?): loading it unverified", path)
+        return data
+    want = trailer[len(TAG):-1].decode(errors="replace")
+    got = hashlib.sha256(body).hexdigest()
+    if got != want:
+        raise ValueError(f"checksum mismatch (stored {want[:12]}..., computed {got[:12]}...): the file is altered "
+                         "or incomplete")
+    return body
 
 
 def load(run_dir: Path) -> dict[str, Any]:
     path = run_dir / FILE
+    prev = run_dir / PREV
+    fallback = (f"; the previous checkpoint is {prev}: rename it to {FILE} to resume from it, or start again"
+                if prev.exists() else "; delete it and start again")
     if not path.exists():
+        if prev.exists():
+            raise KdflError(f"cannot resume: no {FILE} in {run_dir}, only {PREV} (a save was interrupted): rename "
+                            f"it to {FILE} to resume from it")
         raise KdflError(f"cannot resume: no {FILE} in {run_dir}. Start the run without --resume.")
     try:
-        ck = torch.load(path, weights_only=False)
+        ck = torch.load(io.BytesIO(_read_verified(path)), weights_only=False)
     except Exception as e:
-        raise KdflError(f"cannot resume: {path} is unreadable ({e}); delete it and start again") from None
+        raise KdflError(f"cannot resume: {path} is unreadable ({e}){fallback}") from None
     if not isinstance(ck, dict) or "round" not in ck:
         raise KdflError(f"cannot resume: {path} is not a kdfl checkpoint; delete it and start again")
     if ck.get("format") != FORMAT:
