@@ -425,19 +425,26 @@ class SVD:
 FACTOR_SEP = "#"  # payload entries "<name>#u", "#s", "#vt" (or "#values"): one SVD-encoded matrix
 
 
+def split_parts(payload: Payload, sep: str) -> tuple[Payload, dict[str, Payload]]:
+    """Entries ``<name><sep><part>`` grouped by name (``{name: {part: tensor}}``), and the
+    entries without ``sep`` as they are."""
+    plain: Payload = {}
+    groups: dict[str, Payload] = {}
+    for key, t in payload.items():
+        name, found, part = key.partition(sep)
+        if found:
+            groups.setdefault(name, {})[part] = t
+        else:
+            plain[key] = t
+    return plain, groups
+
+
 def unfactor(payload: Payload) -> tuple[Payload, dict[str, int]]:
     """The payload with every SVD-encoded matrix (``<name>#u/#s/#vt`` or ``<name>#values``,
     :class:`SVD`'s parts under :data:`FACTOR_SEP`) rebuilt as one entry ``<name>``, and the
     rank each was sent at (0 = dense). Used where uploads are compared or manipulated
     entry by entry (Byzantine attacks): factors of different ranks do not stack."""
-    out: Payload = {}
-    groups: dict[str, Payload] = {}
-    for k, v in payload.items():
-        name, sep, part = k.partition(FACTOR_SEP)
-        if sep:
-            groups.setdefault(name, {})[part] = v
-        else:
-            out[k] = v
+    out, groups = split_parts(payload, FACTOR_SEP)
     ranks = {}
     for name, parts in groups.items():
         out[name] = SVD().decode(parts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfl.compression import Codec, make_codec
+from kdfl.compression import Codec, make_codec, split_parts
 from kdfl.types import Payload, PayloadError
 
 SEP = "@"
@@ -46,14 +46,7 @@ def unpack(payload: Payload, codec: Codec | None) -> Payload:
     """Inverse of :func:`pack`; raises PayloadError on anything malformed."""
     if codec is None:
         return payload
-    groups: dict[str, Payload] = {}
-    out: Payload = {}
-    for key, t in payload.items():
-        name, sep, part = key.partition(SEP)
-        if sep:
-            groups.setdefault(name, {})[part] = t
-        else:
-            out[key] = t
+    out, groups = split_parts(payload, SEP)
     for name, parts in groups.items():
         shape = parts.pop("shape", None)
         x = codec.decode(parts)

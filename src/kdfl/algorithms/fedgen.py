@@ -83,6 +83,8 @@ from torch import Tensor, nn
 
 from kdfl import rng, tree
 from kdfl.algorithms.kit import weights
+from kdfl.algorithms.kit.features import arch_feature_dim
+from kdfl.algorithms.kit.label_logits import check_counts
 from kdfl.algorithms.program import DELTA, Const, Data, Delta, Model, Phase, Program
 from kdfl.losses import MAIN, Batch, CrossEntropy, Outputs
 from kdfl.train import LocalSGD
@@ -163,15 +165,6 @@ def label_weights(counts: Tensor) -> tuple[Tensor, Tensor]:
     c = counts.to(torch.float64) + 1.0
     w = (c / c.sum(0, keepdim=True)).T.float()
     return w, torch.nonzero(c.max(0).values > 1).flatten()
-
-
-def feature_dim(task: Task) -> int:
-    """The server architecture's ``feature_dim`` (the generator's output width)."""
-    dim = getattr(task.new_model(task.server_arch, seed=0), "feature_dim", None)
-    if not isinstance(dim, int):
-        raise KdflError(f"fedgen generates latents for the classifier head, so it needs a model with features/head "
-                        f"and feature_dim (kdfl.models.base.Decoupled); architecture {task.server_arch!r} has none")
-    return dim
 
 
 @dataclass(frozen=True)
@@ -285,7 +278,7 @@ class FedGen:
     # -- server: init and downlink ----------------------------------------------------
     def init(self, task: Task) -> FedGenState:
         weights.require_homogeneous("FedGen", task)
-        dim = feature_dim(task)
+        dim = arch_feature_dim(task, task.server_arch, "fedgen (latents for the classifier head)")
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(rng.derive(task.seed, "fedgen-init"))
             gen = self.new_generator(task, dim)
@@ -350,13 +343,7 @@ class FedGen:
         extra = sorted(k for k in p if not k.startswith(DELTA) and k != COUNTS)
         if extra:
             raise PayloadError(f"unexpected payload entries {extra[:3]} (expected the deltas and {COUNTS!r})")
-        n = p.get(COUNTS)
-        if n is None:
-            raise PayloadError(f"payload has no {COUNTS!r} entry (the ({c},) label counts)")
-        if tuple(n.shape) != (c,) or n.is_floating_point() or n.is_complex() or n.dtype == torch.bool:
-            raise PayloadError(f"{COUNTS} is {tuple(n.shape)} {n.dtype}, expected ({c},) integer label counts")
-        if bool((n < 0).any()):
-            raise PayloadError(f"{COUNTS} holds negative counts: {n.tolist()}")
+        check_counts(p, COUNTS, c)
 
     def train_generator(self, task: Task, state: FedGenState, updates: Sequence[ClientUpdate]
                         ) -> tuple[StateDict, dict[str, Any] | None, RoundMetrics]:

@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 from kdfl import tree, wire
 from kdfl.algorithms.kit import weights
+from kdfl.algorithms.kit.features import arch_feature_dim
 from kdfl.algorithms.program import DELTA, Custom, Model, Phase, Program, fresh_weights
 from kdfl.compression import FACTOR_SEP, SVD
 from kdfl.losses import Batch, Outputs
@@ -207,12 +208,6 @@ class FedKDClientState(ClientState):
     synced: int = -1
 
 
-@functools.lru_cache(maxsize=64)
-def _feature_dim(build: Any, arch: str) -> int:
-    with torch.random.fork_rng(devices=[]):
-        return int(build(arch).feature_dim)
-
-
 @dataclass(frozen=True)
 class FedKD:
     """FedKD (Wu et al., Nature Communications 2022); see the module docstring.
@@ -330,7 +325,7 @@ class FedKD:
         return self.mentor or client.arch
 
     def _projection(self, task: Task, mentor: str) -> str | None:
-        ds, dt = _feature_dim(task.build_model, task.server_arch), _feature_dim(task.build_model, mentor)
+        ds, dt = arch_feature_dim(task, task.server_arch, "fedkd"), arch_feature_dim(task, mentor, "fedkd")
         return None if ds == dt else f"linear:in_features={ds},out_features={dt}"
 
     @functools.cached_property

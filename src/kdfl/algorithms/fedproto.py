@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdfl.algorithms.kit import label_logits as kit
+from kdfl.algorithms.kit.features import arch_feature_dim, feature_dim
 from kdfl.algorithms.program import Custom, Model, Phase, Program, fresh_weights
 from kdfl.losses import MAIN, Batch, CrossEntropy, Outputs
 from kdfl.train import LocalSGD
@@ -100,7 +101,7 @@ def class_means(model: nn.Module, x: Tensor, y: Tensor, num_classes: int,
     (C, D) float32 (rows of absent classes: 0) and the label counts (C,) int64."""
     model.eval()
     device = next(model.parameters()).device
-    dim = feature_dim(model)
+    dim = feature_dim(model, who="fedproto")
     sums = torch.zeros(num_classes, dim, dtype=torch.float64)
     counts = torch.bincount(y.cpu(), minlength=num_classes)[:num_classes].to(torch.int64)
     with torch.no_grad():
@@ -131,18 +132,9 @@ def nearest_prototype(features: Tensor, protos: Tensor, holders: Tensor) -> Tens
     return d.argmin(-1)
 
 
-def feature_dim(model: nn.Module, arch: str = "") -> int:
-    """``model.feature_dim``; a KdflError for a model without the features/head split."""
-    dim = getattr(model, "feature_dim", None)
-    if not isinstance(dim, int):
-        raise KdflError(f"fedproto needs models with features(x) and feature_dim (kdfl.models.base.Decoupled); "
-                        f"architecture {arch or type(model).__name__!r} has none")
-    return dim
-
-
 def feature_dims(task: Task) -> dict[str, int]:
     """The feature width of every client architecture of the task."""
-    return {arch: feature_dim(task.new_model(arch, seed=0), arch) for arch in sorted(set(task.client_archs))}
+    return {arch: arch_feature_dim(task, arch, "fedproto") for arch in sorted(set(task.client_archs))}
 
 
 @dataclass(frozen=True)
@@ -241,15 +233,12 @@ class FedProto:
         c, d, p = task.num_classes, state.dim, update.payload
         if set(p) != {PROTOS, COUNTS}:
             raise PayloadError(f"expected entries {sorted((PROTOS, COUNTS))}, got {sorted(p)}")
-        z, n = p[PROTOS], p[COUNTS]
+        z = p[PROTOS]
         if tuple(z.shape) != (c, d) or not z.is_floating_point():
             raise PayloadError(f"{PROTOS} is {tuple(z.shape)} {z.dtype}, expected ({c}, {d}) float class prototypes")
         if not torch.isfinite(z).all():
             raise PayloadError(f"{PROTOS} holds NaN or infinite values")
-        if tuple(n.shape) != (c,) or n.is_floating_point() or n.is_complex() or n.dtype == torch.bool:
-            raise PayloadError(f"{COUNTS} is {tuple(n.shape)} {n.dtype}, expected ({c},) integer label counts")
-        if (n < 0).any():
-            raise PayloadError(f"{COUNTS} holds negative counts: {n.tolist()}")
+        kit.check_counts(p, COUNTS, c)
 
     def server_update(self, task: Task, state: FedProtoState,  # type: ignore[override]
                       updates: Sequence[ClientUpdate]) -> tuple[FedProtoState, RoundMetrics]:

@@ -54,15 +54,20 @@ def check_upload(payload: Payload, num_classes: int, key: str = "label_logits",
         raise PayloadError(f"payload has no {key!r} entry (the ({c}, {c}) per-label average logits)")
     if tuple(z.shape) != (c, c) or not z.is_floating_point():
         raise PayloadError(f"{key} is {tuple(z.shape)} {z.dtype}, expected ({c}, {c}) float per-label logits")
-    if not counts_key:
-        return
-    n = payload.get(counts_key)
+    if counts_key:
+        check_counts(payload, counts_key, c)
+
+
+def check_counts(payload: Payload, key: str, num_classes: int) -> None:
+    """``payload[key]`` must be (C,) non-negative integer label counts (PayloadError otherwise)."""
+    c = num_classes
+    n = payload.get(key)
     if n is None:
-        raise PayloadError(f"payload has no {counts_key!r} entry (the ({c},) label counts)")
+        raise PayloadError(f"payload has no {key!r} entry (the ({c},) label counts)")
     if tuple(n.shape) != (c,) or n.is_floating_point() or n.is_complex() or n.dtype == torch.bool:
-        raise PayloadError(f"{counts_key} is {tuple(n.shape)} {n.dtype}, expected ({c},) integer label counts")
+        raise PayloadError(f"{key} is {tuple(n.shape)} {n.dtype}, expected ({c},) integer label counts")
     if bool((n < 0).any()):
-        raise PayloadError(f"{counts_key} holds negative counts: {n.tolist()}")
+        raise PayloadError(f"{key} holds negative counts: {n.tolist()}")
 
 
 def label_weights(counts: Tensor, weighting: str) -> Tensor:
