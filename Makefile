@@ -38,7 +38,7 @@ $(BASE): pyproject.toml constraints.txt
 
 # plus the test, lint and Flower dependencies
 $(STAMP): $(BASE)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,flower]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,flower,privacy]"
 	touch $(STAMP)
 
 venv: $(STAMP)
