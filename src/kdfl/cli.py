@@ -1,4 +1,4 @@
-"""The ``kdfl`` command: run, list, report."""
+"""The ``kdfl`` command: run, sweep, list, report."""
 
 from __future__ import annotations
 
@@ -133,6 +133,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from kdfl import sweep
+
+    if args.workers < 1:
+        raise KdflError(f"--workers must be >= 1, got {args.workers}")
+    if args.threads < 0:
+        raise KdflError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+    sw = sweep.load(args.sweep, args.set or [], args.out)
+    if args.dry_run:
+        for run in sw.runs():
+            print(f"{sweep.run_status(run):8s} {run.name}  ->  {run.out}")
+        return 0
+    if args.report_only:
+        print("wrote " + ", ".join(str(p) for p in sweep.write_report(sw)))
+        return 0
+    counts = sweep.run_sweep(sw, workers=args.workers, threads=args.threads)
+    return 1 if counts["failed"] else 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -156,6 +175,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--json", action="store_true", help="also print the summary as JSON")
     r.set_defaults(fn=_cmd_run)
+    sw = sub.add_parser("sweep", help="run a grid of configs over seeds in worker processes; one table (resumable)")
+    sw.add_argument("sweep", metavar="SWEEP.toml", help="sweep file: base config, [set], [grid], [methods.*], [tune]")
+    sw.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    sw.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1; 0 = torch's default)")
+    sw.add_argument("--out", metavar="DIR", help="sweep directory (default: the file's 'out', else runs/<file stem>)")
+    sw.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a value in every run")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    sw.add_argument("--report-only", action="store_true", help="aggregate the finished runs; run nothing")
+    sw.set_defaults(fn=_cmd_sweep)
     ls = sub.add_parser("list", help="list algorithms, models, data sets, partitions, aggregators, attacks, codecs, executors")
     ls.add_argument("what", nargs="?", default="all",
                     choices=["all", "algorithms", "models", "datasets", "partitions", "aggregators", "attacks", "codecs",

@@ -149,13 +149,19 @@ def accept_upload(algorithm: Algorithm, task: Task, state: ServerState, update: 
 
 
 def evaluate_state(task: Task, state: ServerState) -> dict[str, float]:
-    """Accuracy, NLL and ECE of the server model ``state.params`` on the test set; nothing
-    for an algorithm without a global model (empty ``params``: FedMD, FD, local training)."""
+    """Accuracy, NLL and ECE of the server model ``state.params`` on the test set, and as
+    ``val_accuracy``, ``val_nll``, ``val_ece`` on the server's labelled validation slice
+    (``data.val_size`` > 0: what hyperparameters are selected on, never the test set);
+    nothing for an algorithm without a global model (empty ``params``: FedMD, FD, local
+    training)."""
     if not state.params:
         return {}
     model = task.new_model(task.server_arch)
     model.load_state_dict(state.params)
-    return evaluate(model, task.test)
+    out = evaluate(model, task.test)
+    if task.val is not None and len(task.val):
+        out.update({f"val_{k}": v for k, v in evaluate(model, task.val).items()})
+    return out
 
 
 def round_record(task: Task, state: ServerState, metrics: RoundMetrics, outcome: RoundOutcome,
@@ -283,6 +289,7 @@ def summarize(records: Sequence[dict[str, Any]], target: float | None,
         "best_accuracy": max(accs) if accs else None,
         "final_nll": last.get("nll"),
         "final_ece": last.get("ece"),
+        "final_val_accuracy": last.get("val_accuracy"),  # the server's validation slice (data.val_size)
         "target_accuracy": target,
         "rounds_to_target": metrics.rounds_to_target([r["round"] for r in evals], accs, target),
         "uplink_bytes_per_client_round": float(np.mean([r["uplink_bytes_per_client"] for r in records])),

@@ -1,0 +1,619 @@
+"""Sweeps: one base config, named methods, grid axes, a tuning grid and seeds, run as
+many runs in worker processes and aggregated into one table (``kdfl sweep SWEEP.toml``).
+
+A sweep file (TOML)::
+
+    base = "../configs/fedavg_mnist1d.toml"   # optional, relative to this file
+    seeds = [0, 1, 2]
+    out = "runs/epochs"                       # optional (default runs/<file stem>), relative to cwd
+    target_accuracy = 0.8                     # optional: rounds and uplink MB to this accuracy
+    tensorboard = false                       # also write TensorBoard scalars per run
+
+    [set]                                     # overrides for every run
+    "run.rounds" = 30
+    "data.val_size" = 1000
+
+    [grid]                                    # axes: every combination is a cell
+    "local.epochs" = [1, 5, 20]
+    "partition.alpha" = [0.1, 1.0]
+
+    [methods.fedavg]                          # named variants (default: one, "base")
+    "algorithm.name" = "fedavg"
+    [methods.feddf]
+    "algorithm.name" = "feddf"
+    "data.proxy" = "holdout"
+
+    [tune]                                    # per method and cell, keep the best of these
+    metric = "val_accuracy"                   # a record key; the final evaluation, mean over seeds
+    [tune.grid]
+    "local.lr" = [0.01, 0.03, 0.1]
+
+Keys are config keys (``section.key``, as ``--set`` takes them); nested tables
+(``[grid.local] epochs = [1, 5]``) mean the same as dotted keys. A method's own keys win
+over ``[set]``, and grid and tuning values over both. The metric a tuning grid is
+selected on must not be the test set's: it is ``val_accuracy`` (the server's labelled
+validation slice, ``data.val_size`` > 0) unless the file says otherwise.
+
+Each run is an ordinary run directory under ``OUT/runs/<method>/<cell>/<tuning>/seed<k>``
+(config, metrics, summary, checkpoints, ``run.log``). A finished run (its summary
+written) is skipped when the sweep runs again, a run killed mid-way continues from its
+checkpoint, so an interrupted sweep continues where it stopped. A run that fails is
+reported with its reason (and the traceback in its ``error.txt``); the others go on.
+
+The aggregate: ``OUT/results.md`` and ``OUT/results.csv`` (one row per method and cell,
+at the selected tuning values: mean ± std over seeds of the final and best accuracy, ECE,
+NLL, rounds and uplink MB to the target, bytes per client per round), ``OUT/tuning.md``
+(every tuning value's metric) and ``OUT/plots/<cell>.png`` (accuracy vs round with a band
+over seeds, accuracy vs cumulative uplink MB).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import itertools
+import logging
+import math
+import re
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdfl.types import KdflError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+TOP_KEYS = {"base", "seeds", "out", "target_accuracy", "tensorboard", "set", "grid", "methods", "tune"}
+TUNE_KEYS = {"metric", "grid", "mode"}
+Assignment = tuple[tuple[str, Any], ...]  # ((config key, value), ...) in file order
+
+
+def _flatten(table: dict[str, Any], where: str, leaf_lists: bool, prefix: str = "") -> dict[str, Any]:
+    """Nested tables -> dotted keys. ``leaf_lists``: every leaf must be a non-empty list
+    (a grid axis)."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, where, leaf_lists, key + "."))
+            continue
+        if "." not in key:
+            raise KdflError(f"sweep [{where}] key {key!r} is not a config key: write 'section.key' "
+                            f"(e.g. \"local.lr\")")
+        if leaf_lists and (not isinstance(v, list) or not v):
+            raise KdflError(f"sweep [{where}] {key!r} must be a non-empty list of values, got {v!r}")
+        out[key] = v
+    return out
+
+
+def _fmt(v: Any) -> str:
+    """A value as ``--set`` parses it back (TOML)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return repr(v)
+
+
+def _slug(a: Assignment) -> str:
+    if not a:
+        return "base"
+    text = ",".join(f"{k}={v}" for k, v in a)
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "-", text)[:120]
+
+
+def _label(a: Assignment) -> str:
+    return ", ".join(f"{k}={v}" for k, v in a) or "-"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the sweep: its method, grid cell, tuning values and seed."""
+
+    method: str
+    cell: Assignment
+    tuning: Assignment
+    seed: int
+    overrides: tuple[str, ...]
+    out: Path
+
+    @property
+    def name(self) -> str:
+        parts = [self.method, _label(self.cell)]
+        if self.tuning:
+            parts.append(_label(self.tuning))
+        return " | ".join(parts) + f" | seed {self.seed}"
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file."""
+
+    path: Path
+    base: Path | None
+    seeds: list[int]
+    out: Path
+    target: float | None
+    tensorboard: bool
+    fixed: dict[str, Any]
+    grid: dict[str, list[Any]]
+    methods: dict[str, dict[str, Any]]
+    tune_grid: dict[str, list[Any]] = field(default_factory=dict)
+    tune_metric: str = "val_accuracy"
+    tune_mode: str = "max"
+    extra: tuple[str, ...] = ()  # --set of the command line, over every value of the file
+
+    def cells(self) -> list[Assignment]:
+        keys = list(self.grid)
+        return [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*self.grid.values())]
+
+    def tunings(self) -> list[Assignment]:
+        keys = list(self.tune_grid)
+        return [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*self.tune_grid.values())]
+
+    def overrides(self, method: str, cell: Assignment, tuning: Assignment, seed: int | None) -> list[str]:
+        values = {**self.fixed, **self.methods[method], **dict(cell), **dict(tuning)}
+        out = [*(f"{k}={_fmt(v)}" for k, v in values.items()), *self.extra]
+        return out if seed is None else [*out, f"run.seed={seed}"]
+
+    def runs(self) -> list[Run]:
+        out = []
+        for method in self.methods:
+            for cell in self.cells():
+                for tuning in self.tunings():
+                    for seed in self.seeds:
+                        d = self.out / "runs" / method / _slug(cell) / _slug(tuning) / f"seed{seed}"
+                        out.append(Run(method, cell, tuning, seed,
+                                       tuple(self.overrides(method, cell, tuning, seed)), d))
+        return out
+
+    def target_of(self, cfg: dict[str, Any]) -> float | None:
+        return self.target if self.target is not None else cfg["run"].get("target_accuracy")
+
+
+def load(path: str | Path, extra: Sequence[str] = (), out: str | Path | None = None) -> Sweep:
+    """Parse and check a sweep file (every run's config is validated before any runs)."""
+    from kdfl import config
+
+    p = Path(path)
+    if not p.is_file():
+        raise KdflError(f"sweep file {p} does not exist" if not p.exists() else f"sweep file {p} is not a file")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise KdflError(f"sweep file {p} is not valid TOML: {e}") from None
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise KdflError(f"unknown sweep key(s) {', '.join(unknown)} in {p}. Allowed: {', '.join(sorted(TOP_KEYS))} "
+                        "(config keys go in [set], [grid], [methods.NAME] or [tune.grid])")
+    base = None
+    if raw.get("base"):
+        if not isinstance(raw["base"], str):
+            raise KdflError(f"sweep 'base' must be a path string, got {raw['base']!r}")
+        base = (p.parent / raw["base"]).resolve() if not Path(raw["base"]).is_absolute() else Path(raw["base"])
+        if not base.is_file():
+            raise KdflError(f"sweep base config {raw['base']!r} (resolved to {base}) does not exist; "
+                            "'base' is relative to the sweep file")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           and s >= 0 for s in seeds):
+        raise KdflError(f"sweep 'seeds' must be a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise KdflError(f"sweep 'seeds' repeats a seed: {seeds}")
+    target = raw.get("target_accuracy")
+    if target is not None and (not isinstance(target, (int, float)) or not 0 <= target <= 1):
+        raise KdflError(f"sweep 'target_accuracy' must be a number in [0, 1], got {target!r}")
+    tb = raw.get("tensorboard", False)
+    if not isinstance(tb, bool):
+        raise KdflError(f"sweep 'tensorboard' must be true or false, got {tb!r}")
+    if tb and importlib.util.find_spec("tensorboard") is None:
+        raise KdflError("sweep 'tensorboard = true' needs the tensorboard package: pip install tensorboard "
+                        "(or set tensorboard = false; the run directories hold every scalar in metrics.jsonl)")
+    for section in ("set", "grid", "methods", "tune"):
+        if section in raw and not isinstance(raw[section], dict):
+            raise KdflError(f"sweep [{section}] must be a table, got {raw[section]!r}")
+    fixed = _flatten(raw.get("set", {}), "set", False)
+    grid = _flatten(raw.get("grid", {}), "grid", True)
+    methods_raw = raw.get("methods") or {"base": {}}
+    methods = {}
+    for name, table in methods_raw.items():
+        if not isinstance(table, dict):
+            raise KdflError(f"sweep [methods.{name}] must be a table of config keys, got {table!r}")
+        if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
+            raise KdflError(f"sweep method name {name!r}: use letters, digits and . _ + - only")
+        methods[name] = _flatten(table, f"methods.{name}", False)
+    tune = raw.get("tune", {})
+    unknown = sorted(set(tune) - TUNE_KEYS)
+    if unknown:
+        raise KdflError(f"unknown key(s) {', '.join(unknown)} in sweep [tune]: allowed metric, mode and a [tune.grid] "
+                        "table of config keys, e.g. [tune.grid] \"local.lr\" = [0.01, 0.1]")
+    tune_grid = _flatten(tune.get("grid", {}), "tune.grid", True)
+    metric = tune.get("metric", "val_accuracy")
+    mode = tune.get("mode", "min" if metric.endswith(("nll", "ece", "loss")) else "max")
+    if mode not in ("max", "min"):
+        raise KdflError(f"sweep tune.mode must be 'max' or 'min', got {mode!r}")
+    if metric in ("accuracy", "nll", "ece"):
+        raise KdflError(f"sweep tune.metric = {metric!r} is measured on the test set: select on the validation "
+                        "slice instead (tune.metric = \"val_accuracy\" with data.val_size > 0)")
+    clash = sorted(set(grid) & set(tune_grid))
+    if clash:
+        raise KdflError(f"sweep key(s) {', '.join(clash)} are both a grid axis and a tuning axis: keep one")
+    if out is not None:
+        out_dir = Path(out)
+    elif raw.get("out"):
+        out_dir = Path(str(raw["out"]))
+    else:
+        out_dir = Path("runs") / p.stem
+    sw = Sweep(p, base, [int(s) for s in seeds], out_dir, target, tb, fixed, grid, methods, tune_grid, metric, mode,
+               tuple(extra))
+    # every run's config, checked now (a typo in one method must not surface after an hour)
+    for method in sw.methods:
+        for cell in sw.cells():
+            for tuning in sw.tunings():
+                try:
+                    cfg = config.load(base, sw.overrides(method, cell, tuning, None))
+                except KdflError as e:
+                    where = " | ".join(x for x in (method, _label(cell), _label(tuning)) if x != "-")
+                    raise KdflError(f"sweep {p}, run {where}: {e}") from None
+                if tune_grid and metric.startswith("val_") and not cfg["data"]["val_size"]:
+                    raise KdflError(f"sweep {p}: tune.metric = {metric!r} needs a server validation slice: "
+                                    "set \"data.val_size\" (e.g. 1000) in [set]")
+    return sw
+
+
+# -- running -------------------------------------------------------------------------------------------
+
+
+def run_status(run: Run) -> str:
+    """``done`` (summary written), ``partial`` (a checkpoint to resume) or ``todo``."""
+    if (run.out / "summary.json").is_file():
+        return "done"
+    if (run.out / "checkpoint.pt").is_file():
+        return "partial"
+    return "todo"
+
+
+def _tensorboard(run_dir: Path, records: Iterable[dict[str, Any]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(run_dir / "tensorboard"))
+    try:
+        for r in records:
+            for k, v in r.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round" and math.isfinite(v):
+                    w.add_scalar(k, v, r["round"])
+    finally:
+        w.close()
+
+
+def execute(job: tuple[str | None, list[str], str, bool, int]) -> dict[str, Any]:
+    """Run one sweep run in this process (a pool worker): its run directory is written,
+    resumed when it holds a checkpoint. Never raises: a failure comes back as
+    ``{"error": ...}`` and its traceback goes to ``error.txt`` in the run directory."""
+    base, overrides, out, tensorboard, threads = job
+    import torch
+
+    from kdfl import config, experiment
+
+    old_threads, kdfl_log = torch.get_num_threads(), logging.getLogger("kdfl")
+    old_propagate = kdfl_log.propagate
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(out)
+    t0 = time.perf_counter()
+    handler: logging.Handler | None = None
+    try:
+        cfg = config.load(base, overrides)
+        resume = (run_dir / "checkpoint.pt").is_file()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        kdfl_log.addHandler(handler)
+        kdfl_log.propagate = False  # warnings go to run.log, not the sweep's terminal
+        (run_dir / "error.txt").unlink(missing_ok=True)
+        hist = experiment.run(cfg, out=run_dir, resume=resume, overwrite=not resume)
+        if tensorboard:
+            _tensorboard(run_dir, hist.records)
+        return {"summary": hist.summary, "seconds": time.perf_counter() - t0, "resumed": resume}
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # one run's failure is reported; the sweep goes on
+        msg = str(e) if isinstance(e, KdflError) else f"{type(e).__name__}: {e}"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.txt").write_text(traceback.format_exc())
+        except OSError:
+            pass
+        return {"error": msg, "seconds": time.perf_counter() - t0}
+    finally:
+        if handler is not None:
+            kdfl_log.removeHandler(handler)
+            handler.close()
+        kdfl_log.propagate = old_propagate
+        torch.set_num_threads(old_threads)
+
+
+def run_sweep(sw: Sweep, workers: int = 1, threads: int = 1, say: Callable[[str], None] = print) -> dict[str, int]:
+    """Run every unfinished run of ``sw`` in ``workers`` processes (``threads`` torch
+    threads each; 0 = torch's default) and write the aggregate. Returns counts by outcome."""
+    runs = sw.runs()
+    todo = [r for r in runs if run_status(r) != "done"]
+    counts = {"total": len(runs), "skipped": len(runs) - len(todo), "ok": 0, "failed": 0}
+    sw.out.mkdir(parents=True, exist_ok=True)
+    (sw.out / "sweep.toml").write_text(sw.path.read_text())  # what produced this directory
+    say(f"sweep {sw.path}: {len(runs)} runs ({len(sw.methods)} methods x {len(sw.cells())} cells x "
+        f"{len(sw.tunings())} tuning values x {len(sw.seeds)} seeds), {counts['skipped']} already finished, "
+        f"{len(todo)} to run with {workers} worker(s); out {sw.out}")
+    base = None if sw.base is None else str(sw.base)
+    jobs = [(base, list(r.overrides), str(r.out), sw.tensorboard, threads) for r in todo]
+    failures: list[tuple[Run, str]] = []
+
+    def done(i: int, run: Run, res: dict[str, Any]) -> None:
+        n = counts["ok"] + counts["failed"] + 1
+        if "error" in res:
+            counts["failed"] += 1
+            failures.append((run, res["error"]))
+            say(f"  [{n}/{len(todo)}] FAILED {run.name}: {res['error']} (details: {run.out / 'error.txt'})")
+            return
+        counts["ok"] += 1
+        s = res["summary"]
+        acc = s.get("final_accuracy")
+        shown = f"final accuracy {acc:.4f}" if acc is not None else "no global model"
+        say(f"  [{n}/{len(todo)}] {run.name}: {shown}{' (resumed)' if res['resumed'] else ''} "
+            f"in {res['seconds']:.0f} s")
+
+    if workers <= 1 or len(jobs) <= 1:
+        for i, (run, job) in enumerate(zip(todo, jobs, strict=True)):
+            done(i, run, execute(job))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            futures = {pool.submit(execute, job): (i, run) for i, (run, job) in enumerate(zip(todo, jobs, strict=True))}
+            for fut in as_completed(futures):
+                i, run = futures[fut]
+                try:
+                    res = fut.result()
+                except Exception as e:  # the worker process died (killed, out of memory)
+                    res = {"error": f"worker process died: {type(e).__name__}: {e}", "seconds": 0.0}
+                done(i, run, res)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+    paths = write_report(sw, say)
+    if failures:
+        say(f"{len(failures)} run(s) failed (listed above; each run directory's error.txt has the traceback); "
+            "rerun the same command to retry them (finished runs are kept)")
+    say("wrote " + ", ".join(str(p) for p in paths))
+    return counts
+
+
+# -- aggregating ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    run: Run
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    target: float | None
+
+    def curve(self) -> list[tuple[int, float, float]]:
+        """(round, cumulative uplink MB of all clients, test accuracy) at each evaluation."""
+        out, cum = [], 0.0
+        for r in self.records:
+            cum += r.get("uplink_bytes", 0) / 1e6
+            if "accuracy" in r:
+                out.append((r["round"], cum, r["accuracy"]))
+        return out
+
+    def to_target(self) -> tuple[int | None, float | None]:
+        """(first round, cumulative uplink MB) at which the test accuracy reaches the target."""
+        if self.target is None:
+            return None, None
+        return next(((rnd, mb) for rnd, mb, a in self.curve() if a >= self.target), (None, None))
+
+    def metric(self, key: str) -> float | None:
+        """The last evaluation's ``key`` (None when no record has it)."""
+        v = next((r[key] for r in reversed(self.records) if key in r), None)
+        return float(v) if isinstance(v, (int, float)) else None
+
+
+def collect(sw: Sweep) -> list[RunResult]:
+    """The finished runs of ``sw`` (unfinished and failed ones are left out)."""
+    from kdfl import config
+    from kdfl.report import read_run
+
+    out = []
+    for run in sw.runs():
+        if run_status(run) != "done":
+            continue
+        records, summary = read_run(run.out)
+        cfg = config.load(run.out / "config.toml")
+        out.append(RunResult(run, records, summary, sw.target_of(cfg)))
+    return out
+
+
+def _stats(xs: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    vals = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+    if not vals:
+        return None, None, 0
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
+
+
+def _pm(xs: Sequence[float | None], fmt: str = ".4f", scale: float = 1.0) -> str:
+    m, s, n = _stats(xs)
+    if m is None or s is None:
+        return "-"
+    return f"{m / scale:{fmt}} ± {s / scale:{fmt}}"
+
+
+def select(sw: Sweep, results: list[RunResult]) -> tuple[dict[tuple[str, Assignment], Assignment], str]:
+    """The tuning values kept per (method, cell): the best mean over seeds of the final
+    ``tune.metric``; and the tuning table (Markdown)."""
+    chosen: dict[tuple[str, Assignment], Assignment] = {}
+    if not sw.tune_grid:
+        return {(m, c): () for m in sw.methods for c in sw.cells()}, ""
+    lines = [f"Selected on the final `{sw.tune_metric}` ({sw.tune_mode}imum of the mean over seeds); "
+             "the test set is not used.", "",
+             f"| method | cell | {' | '.join(sw.tune_grid)} | seeds | {sw.tune_metric} | test accuracy | kept |",
+             "|" + "---|" * (len(sw.tune_grid) + 6)]
+    for method in sw.methods:
+        for cell in sw.cells():
+            best, best_val = None, None
+            rows = []
+            for tuning in sw.tunings():
+                rs = [r for r in results if r.run.method == method and r.run.cell == cell and r.run.tuning == tuning]
+                vals = [r.metric(sw.tune_metric) for r in rs]
+                m, _, n = _stats(vals)
+                rows.append((tuning, rs, vals, m, n))
+                # a value counts only when every seed finished with the metric (no lucky subset)
+                if m is not None and n == len(sw.seeds) and (
+                        best_val is None or (m > best_val if sw.tune_mode == "max" else m < best_val)):
+                    best, best_val = tuning, m
+            if best is not None:
+                chosen[(method, cell)] = best
+            for tuning, rs, vals, _m, n in rows:
+                lines.append(f"| {method} | {_label(cell)} | {' | '.join(str(v) for _, v in tuning)} | {n} | "
+                             f"{_pm(vals)} | {_pm([r.summary.get('final_accuracy') for r in rs])} | "
+                             f"{'**yes**' if tuning == best else ''} |")
+    return chosen, "\n".join(lines) + "\n"
+
+
+COLUMNS = [  # (csv name, markdown header, value of a run, markdown format, scale)
+    ("final_accuracy", "final acc", lambda r: r.summary.get("final_accuracy"), ".4f", 1.0),
+    ("best_accuracy", "best acc", lambda r: r.summary.get("best_accuracy"), ".4f", 1.0),
+    ("final_ece", "ECE", lambda r: r.summary.get("final_ece"), ".4f", 1.0),
+    ("final_nll", "NLL", lambda r: r.summary.get("final_nll"), ".3f", 1.0),
+    ("rounds_to_target", "rounds to target", lambda r: r.to_target()[0], ".1f", 1.0),
+    ("uplink_mb_to_target", "uplink MB to target (all clients)", lambda r: r.to_target()[1], ".2f", 1.0),
+    ("uplink_bytes_per_client_round", "uplink KB/client/round",
+     lambda r: r.summary.get("uplink_bytes_per_client_round"), ".1f", 1e3),
+    ("downlink_bytes_per_client_round", "downlink KB/client/round",
+     lambda r: r.summary.get("downlink_bytes_per_client_round"), ".1f", 1e3),
+    ("client_accuracy_mean", "client acc mean",
+     lambda r: r.summary.get("client_accuracy_mean", r.summary.get("client_test_accuracy_mean")), ".4f", 1.0),
+    ("wall_seconds", "wall s", lambda r: r.summary.get("wall_seconds"), ".1f", 1.0),
+]
+
+
+def tables(sw: Sweep, results: list[RunResult]) -> tuple[str, str, str]:
+    """(results Markdown, results CSV, tuning Markdown)."""
+    chosen, tuning_md = select(sw, results)
+    target = next((r.target for r in results if r.target is not None), None)
+    head = ["method", *sw.grid, *sw.tune_grid, "seeds"]
+    md = [f"Mean ± std over seeds; rounds and MB to target over the seeds that reached it "
+          f"(target accuracy {target if target is not None else 'not set'}).", "",
+          "| " + " | ".join([*head, *(c[1] for c in COLUMNS)]) + " |", "|" + "---|" * (len(head) + len(COLUMNS))]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow([*head, "seeds_reaching_target",
+                     *(f"{c[0]}_{s}" for c in COLUMNS for s in ("mean", "std"))])
+    for method in sw.methods:
+        for cell in sw.cells():
+            if (method, cell) not in chosen:
+                md.append("| " + " | ".join([method, *(str(v) for _, v in cell), *("?" for _ in sw.tune_grid), "0"])
+                          + " | no tuning value finished on every seed |" + " |" * (len(COLUMNS) - 1))
+                continue
+            tuning = chosen[(method, cell)]
+            rs = [r for r in results if r.run.method == method and r.run.cell == cell and r.run.tuning == tuning]
+            if not rs:
+                md.append("| " + " | ".join([method, *(str(v) for _, v in cell), "0"]) + " | not run yet |"
+                          + " |" * (len(COLUMNS) - 1))
+                continue
+            reached = sum(r.to_target()[0] is not None for r in rs)
+            cells = [method, *(str(v) for _, v in cell), *(str(v) for _, v in tuning), str(len(rs))]
+            row = []
+            for name, _, fn, fmt, scale in COLUMNS:
+                text = _pm([fn(r) for r in rs], fmt, scale)
+                if name in ("rounds_to_target", "uplink_mb_to_target") and target is not None:
+                    text = f"{text} ({reached}/{len(rs)})" if reached else f"not reached (0/{len(rs)})"
+                row.append(text)
+            md.append("| " + " | ".join([*cells, *row]) + " |")
+            values = []
+            for _, _, fn, _, _ in COLUMNS:
+                m, s, _ = _stats([fn(r) for r in rs])
+                values += ["" if m is None else f"{m:.6g}", "" if s is None else f"{s:.6g}"]
+            writer.writerow([*cells, reached, *values])
+    return "\n".join(md) + "\n", buf.getvalue(), tuning_md
+
+
+def plot(sw: Sweep, results: list[RunResult], chosen: dict[tuple[str, Assignment], Assignment]) -> list[Path]:
+    """One figure per cell: accuracy vs round (mean, band min-max over seeds) and accuracy
+    vs cumulative uplink MB (mean over seeds), one line per method at its kept tuning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = sw.out / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for cell in sw.cells():
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        drawn = False
+        for method in sw.methods:
+            tuning = chosen.get((method, cell))
+            rs = [r for r in results if r.run.method == method and r.run.cell == cell and r.run.tuning == tuning]
+            curves = [r.curve() for r in rs if r.curve()]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            rounds = [c[0] for c in curves[0][:n]]
+            acc = np.array([[p[2] for p in c[:n]] for c in curves])
+            mb = np.array([[p[1] for p in c[:n]] for c in curves]).mean(0)
+            label = method + (f" ({_label(tuning)})" if tuning else "") + f", {len(curves)} seeds"
+            (line,) = ax1.plot(rounds, acc.mean(0), label=label)
+            ax1.fill_between(rounds, acc.min(0), acc.max(0), alpha=0.2, color=line.get_color())
+            ax2.plot(mb, acc.mean(0), color=line.get_color(), label=label)
+            drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax1.set(xlabel="round", ylabel="test accuracy", title=f"Accuracy vs round: {_label(cell)}")
+        ax2.set(xlabel="cumulative uplink MB (all clients)", ylabel="test accuracy", title="Accuracy vs uplink")
+        ax2.set_xscale("symlog", linthresh=0.01)
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{_slug(cell)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(sw: Sweep, say: Callable[[str], None] = print) -> list[Path]:
+    """Write results.md, results.csv, tuning.md (when tuning) and the plots."""
+    results = collect(sw)
+    md, text_csv, tuning_md = tables(sw, results)
+    chosen, _ = select(sw, results)
+    sw.out.mkdir(parents=True, exist_ok=True)
+    title = f"# Sweep {sw.path.name}\n\nCommand: `kdfl sweep {sw.path}`; {len(results)} finished runs.\n\n"
+    paths = [sw.out / "results.md", sw.out / "results.csv"]
+    paths[0].write_text(title + md)
+    paths[1].write_text(text_csv)
+    if tuning_md:
+        (sw.out / "tuning.md").write_text(f"# Tuning of sweep {sw.path.name}\n\n" + tuning_md)
+        paths.append(sw.out / "tuning.md")
+    if results:
+        paths += plot(sw, results, chosen)
+    return paths

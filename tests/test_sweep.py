@@ -1,0 +1,212 @@
+"""``kdfl sweep``: parsing and its errors, selection on the validation slice, resumable
+runs, failures that cost one run, and the aggregate tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdfl import cli, sweep
+from kdfl.types import KdflError
+
+TINY = """
+seeds = [0, 1]
+target_accuracy = 0.3
+
+[set]
+"data.name" = "digits"
+"data.num_clients" = 4
+"model.arch" = "mlp"
+"run.rounds" = 2
+"run.checkpoint_every" = 1
+"local.epochs" = 1
+"local.lr" = 0.1
+"partition.name" = "iid"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_runs_grid_methods_and_seeds(tmp_path: Path) -> None:
+    p = write(tmp_path, TINY + """
+[methods.fedavg]
+"algorithm.name" = "fedavg"
+[methods.prox]
+"algorithm.name" = "fedprox"
+"algorithm.mu" = 0.1
+[grid]
+"local.epochs" = [1, 2]
+""")
+    sw = sweep.load(p, out=tmp_path / "out")
+    runs = sw.runs()
+    assert len(runs) == 2 * 2 * 2
+    r = next(r for r in runs if r.method == "prox" and dict(r.cell)["local.epochs"] == 2 and r.seed == 1)
+    # method keys over [set], grid over both, the seed last
+    assert "algorithm.mu=0.1" in r.overrides and "local.epochs=2" in r.overrides
+    assert r.overrides[-1] == "run.seed=1"
+    assert r.out == tmp_path / "out" / "runs" / "prox" / "local.epochs=2" / "base" / "seed1"
+    assert len({x.out for x in runs}) == len(runs)
+
+
+def test_nested_tables_mean_dotted_keys(tmp_path: Path) -> None:
+    p = write(tmp_path, TINY + """
+[grid.local]
+epochs = [1, 2]
+""")
+    assert sweep.load(p).grid == {"local.epochs": [1, 2]}
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ("colour = 1\n", "unknown sweep key(s) colour"),
+    ("[grid]\n\"local.lr\" = 0.1\n", "must be a non-empty list"),
+    ("[grid]\nlr = [0.1]\n", "is not a config key"),
+    ("[methods.a]\n\"algorithm.name\" = \"fedavgg\"\n", "run a: unknown algorithm 'fedavgg'"),
+    ("[methods.a]\n\"local.lrr\" = 0.1\n", "unknown config key 'local.lrr'"),
+    ("[tune]\nmetric = \"accuracy\"\n[tune.grid]\n\"local.lr\" = [0.1]\n", "measured on the test set"),
+    ("[tune.grid]\n\"local.lr\" = [0.1, 0.2]\n", "needs a server validation slice"),
+    ("[tune]\nkeys = 1\n", "unknown key(s) keys in sweep [tune]"),
+    ("[grid]\n\"local.lr\" = [0.1]\n[tune.grid]\n\"local.lr\" = [0.2]\n", "both a grid axis and a tuning axis"),
+])
+def test_errors_name_the_problem(tmp_path: Path, extra: str, needle: str) -> None:
+    p = write(tmp_path, TINY + extra if extra.startswith("[") else extra + TINY)  # top-level keys first
+    with pytest.raises(KdflError) as e:
+        sweep.load(p)
+    assert needle in str(e.value)
+
+
+def test_bad_seeds_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(KdflError, match="does not exist"):
+        sweep.load(tmp_path / "nope.toml")
+    with pytest.raises(KdflError, match="seeds"):
+        sweep.load(write(tmp_path, TINY.replace("seeds = [0, 1]", "seeds = [0, 0]")))
+    with pytest.raises(KdflError, match="base config"):
+        sweep.load(write(tmp_path, 'base = "missing.toml"\n' + TINY))
+
+
+def _result(method: str, lr: float, seed: int, val: float, test: float) -> sweep.RunResult:
+    run = sweep.Run(method, (), (("local.lr", lr),), seed, (), Path("."))
+    rec = {"round": 1, "uplink_bytes": 10, "accuracy": test, "val_accuracy": val}
+    return sweep.RunResult(run, [rec], {"final_accuracy": test}, None)
+
+
+def test_selection_uses_the_validation_mean_never_the_test_set(tmp_path: Path) -> None:
+    p = write(tmp_path, TINY + '"data.val_size" = 100\n[tune.grid]\n"local.lr" = [0.01, 0.1]\n')
+    sw = sweep.load(p)
+    results = [
+        # lr 0.01: val 0.6 and 0.8 (mean 0.7), test high; lr 0.1: val 0.75 twice, test low
+        _result("base", 0.01, 0, 0.6, 0.99), _result("base", 0.01, 1, 0.8, 0.99),
+        _result("base", 0.1, 0, 0.75, 0.1), _result("base", 0.1, 1, 0.75, 0.1),
+    ]
+    chosen, md = sweep.select(sw, results)
+    assert chosen[("base", ())] == (("local.lr", 0.1),)
+    assert "0.7000 ± 0.1414" in md and "0.7500 ± 0.0000" in md
+    # a value that did not finish on every seed is never kept (no lucky subset of seeds)
+    chosen, _ = sweep.select(sw, results[1:])
+    assert chosen[("base", ())] == (("local.lr", 0.1),)
+    chosen, _ = sweep.select(sw, [results[1], results[2]])
+    assert ("base", ()) not in chosen
+    table, _, _ = sweep.tables(sw, [results[1], results[2]])
+    assert "no tuning value finished on every seed" in table
+
+
+def test_target_columns_by_hand() -> None:
+    run = sweep.Run("m", (), (), 0, (), Path("."))
+    recs = [{"round": 1, "uplink_bytes": 2_000_000, "accuracy": 0.2},
+            {"round": 2, "uplink_bytes": 3_000_000},  # not evaluated: its bytes still count
+            {"round": 3, "uplink_bytes": 1_000_000, "accuracy": 0.6}]
+    r = sweep.RunResult(run, recs, {}, 0.5)
+    assert r.to_target() == (3, 6.0)
+    assert sweep.RunResult(run, recs, {}, 0.9).to_target() == (None, None)
+
+
+def test_sweep_is_resumable_and_aggregates(tmp_path: Path) -> None:
+    p = write(tmp_path, TINY + """
+"data.val_size" = 100
+[methods.fedavg]
+"algorithm.name" = "fedavg"
+[tune.grid]
+"local.lr" = [0.05, 0.1]
+""")
+    sw = sweep.load(p, out=tmp_path / "out")
+    lines: list[str] = []
+    counts = sweep.run_sweep(sw, say=lines.append)
+    assert counts == {"total": 4, "skipped": 0, "ok": 4, "failed": 0}
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| fedavg |" in md and "± " in md
+    assert (tmp_path / "out" / "tuning.md").read_text().count("**yes**") == 1
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[0].startswith("method,local.lr,seeds")
+    assert list((tmp_path / "out" / "plots").glob("*.png"))
+    # each value in the table is the mean over the run directories' summaries
+    sel = [r for r in sweep.collect(sw) if r.run.tuning == sweep.select(sw, sweep.collect(sw))[0][("fedavg", ())]]
+    mean = sum(r.summary["final_accuracy"] for r in sel) / 2
+    assert f"{mean:.4f} ± " in md
+
+    # again: nothing to run
+    assert sweep.run_sweep(sw, say=lines.append)["skipped"] == 4
+    # a run killed after its checkpoint (no summary yet) continues from it and ends equal
+    victim = sw.runs()[1].out
+    before = json.loads((victim / "summary.json").read_text())
+    metrics_before = (victim / "metrics.jsonl").read_text().splitlines()
+    (victim / "summary.json").unlink()
+    assert sweep.run_status(sw.runs()[1]) == "partial"
+    lines.clear()
+    counts = sweep.run_sweep(sw, say=lines.append)
+    assert counts == {"total": 4, "skipped": 3, "ok": 1, "failed": 0}
+    assert any("(resumed)" in line for line in lines)
+    after = json.loads((victim / "summary.json").read_text())
+    assert after["final_accuracy"] == before["final_accuracy"]
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "wall_seconds"} for x in lines]  # noqa: E731
+    assert strip((victim / "metrics.jsonl").read_text().splitlines()) == strip(metrics_before)
+
+
+def test_a_failed_run_costs_that_run_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdfl import experiment
+
+    real = experiment.run
+
+    def flaky(cfg, **kw):  # type: ignore[no-untyped-def]
+        if cfg["run"]["seed"] == 1:
+            raise RuntimeError("simulated crash")
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(experiment, "run", flaky)
+    sw = sweep.load(write(tmp_path, TINY), out=tmp_path / "out")
+    lines: list[str] = []
+    counts = sweep.run_sweep(sw, say=lines.append)
+    assert counts["ok"] == 1 and counts["failed"] == 1
+    failed = next(line for line in lines if "FAILED" in line)
+    assert "seed 1" in failed and "RuntimeError: simulated crash" in failed and "error.txt" in failed
+    assert "simulated crash" in (sw.runs()[1].out / "error.txt").read_text()
+    assert "1 finished runs" in (tmp_path / "out" / "results.md").read_text()
+    monkeypatch.setattr(experiment, "run", real)  # fixed: the rerun runs only the failed one
+    assert sweep.run_sweep(sw, say=lines.append) == {"total": 2, "skipped": 1, "ok": 1, "failed": 0}
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = write(tmp_path, TINY)
+    assert cli.main(["sweep", str(p), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all(line.startswith("todo") for line in out)
+    assert cli.main(["sweep", str(tmp_path / "missing.toml")]) == 2
+    assert "sweep file" in capsys.readouterr().err
+    assert cli.main(["sweep", str(p), "--workers", "0"]) == 2
+    assert "--workers must be >= 1" in capsys.readouterr().err
+    # --set applies to every run, over the file's own values
+    sw = sweep.load(p, ["run.rounds=1"])
+    assert sw.runs()[0].overrides[-2:] == ("run.rounds=1", "run.seed=0")
+
+
+def test_tensorboard_needs_its_package(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(KdflError, match="pip install tensorboard"):
+        sweep.load(write(tmp_path, "tensorboard = true\n" + TINY))
