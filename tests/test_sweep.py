@@ -52,6 +52,8 @@ def test_runs_grid_methods_and_seeds(tmp_path: Path) -> None:
     assert r.overrides[-1] == "run.seed=1"
     assert r.out == tmp_path / "out" / "runs" / "prox" / "local.epochs=2" / "base" / "seed1"
     assert len({x.out for x in runs}) == len(runs)
+    # cell by cell: a sweep stopped half-way has whole cells (every method) to compare
+    assert [(dict(x.cell)["local.epochs"], x.method) for x in runs[:4]] == [(1, "fedavg")] * 2 + [(1, "prox")] * 2
 
 
 def test_nested_tables_mean_dotted_keys(tmp_path: Path) -> None:
@@ -136,7 +138,7 @@ def test_sweep_is_resumable_and_aggregates(tmp_path: Path) -> None:
     sw = sweep.load(p, out=tmp_path / "out")
     lines: list[str] = []
     counts = sweep.run_sweep(sw, say=lines.append)
-    assert counts == {"total": 4, "skipped": 0, "ok": 4, "failed": 0}
+    assert counts == {"total": 4, "skipped": 0, "ok": 4, "failed": 0, "busy": 0}
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| fedavg |" in md and "± " in md
     assert (tmp_path / "out" / "tuning.md").read_text().count("**yes**") == 1
@@ -158,7 +160,7 @@ def test_sweep_is_resumable_and_aggregates(tmp_path: Path) -> None:
     assert sweep.run_status(sw.runs()[1]) == "partial"
     lines.clear()
     counts = sweep.run_sweep(sw, say=lines.append)
-    assert counts == {"total": 4, "skipped": 3, "ok": 1, "failed": 0}
+    assert counts == {"total": 4, "skipped": 3, "ok": 1, "failed": 0, "busy": 0}
     assert any("(resumed)" in line for line in lines)
     after = json.loads((victim / "summary.json").read_text())
     assert after["final_accuracy"] == before["final_accuracy"]
@@ -186,7 +188,7 @@ def test_a_failed_run_costs_that_run_only(tmp_path: Path, monkeypatch: pytest.Mo
     assert "simulated crash" in (sw.runs()[1].out / "error.txt").read_text()
     assert "1 finished runs" in (tmp_path / "out" / "results.md").read_text()
     monkeypatch.setattr(experiment, "run", real)  # fixed: the rerun runs only the failed one
-    assert sweep.run_sweep(sw, say=lines.append) == {"total": 2, "skipped": 1, "ok": 1, "failed": 0}
+    assert sweep.run_sweep(sw, say=lines.append) == {"total": 2, "skipped": 1, "ok": 1, "failed": 0, "busy": 0}
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -210,3 +212,20 @@ def test_tensorboard_needs_its_package(tmp_path: Path) -> None:
         pytest.skip("tensorboard is installed here")
     with pytest.raises(KdflError, match="pip install tensorboard"):
         sweep.load(write(tmp_path, "tensorboard = true\n" + TINY))
+
+
+def test_a_run_locked_by_another_process_is_left_to_it(tmp_path: Path) -> None:
+    sw = sweep.load(write(tmp_path, TINY), out=tmp_path / "out")
+    held = sw.runs()[0].out
+    held.mkdir(parents=True)
+    lock = sweep._lock(held)  # as another sweep process would hold it (flock is per open file)
+    assert lock is not None
+    try:
+        lines: list[str] = []
+        counts = sweep.run_sweep(sw, say=lines.append)
+        assert counts["busy"] == 1 and counts["ok"] == 1
+        assert sweep.run_status(sw.runs()[0]) == "todo"
+        assert any("other sweep process" in line for line in lines)
+    finally:
+        lock.close()
+    assert sweep.run_sweep(sw, say=lines.append)["ok"] == 1  # released: it runs now

@@ -170,9 +170,9 @@ class Sweep:
         return out if seed is None else [*out, f"run.seed={seed}"]
 
     def runs(self) -> list[Run]:
-        out = []
-        for method in self.methods:
-            for cell in self.cells():
+        out = []  # cell by cell, so a sweep stopped half-way has whole cells to compare
+        for cell in self.cells():
+            for method in self.methods:
                 for tuning in self.tunings():
                     for seed in self.seeds:
                         d = self.out / "runs" / method / _slug(cell) / _slug(tuning) / f"seed{seed}"
@@ -299,6 +299,23 @@ def _tensorboard(run_dir: Path, records: Iterable[dict[str, Any]]) -> None:
         w.close()
 
 
+def _lock(run_dir: Path) -> Any:
+    """An exclusive lock on ``run_dir`` for this process (the open file; closing it, or the
+    process dying, releases it), or None when another process holds it. Lets several
+    ``kdfl sweep`` processes share one sweep directory."""
+    f = open(run_dir / ".lock", "w")  # noqa: SIM115 (held until the run ends)
+    try:
+        import fcntl
+
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover (no flock: one process per sweep directory)
+        return f
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
 def execute(job: tuple[str | None, list[str], str, bool, int]) -> dict[str, Any]:
     """Run one sweep run in this process (a pool worker): its run directory is written,
     resumed when it holds a checkpoint. Never raises: a failure comes back as
@@ -315,10 +332,16 @@ def execute(job: tuple[str | None, list[str], str, bool, int]) -> dict[str, Any]
     run_dir = Path(out)
     t0 = time.perf_counter()
     handler: logging.Handler | None = None
+    lock = None
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock(run_dir)
+        if lock is None:  # another sweep process (same file, other terminal or machine) runs it
+            return {"busy": True, "seconds": 0.0}
+        if (run_dir / "summary.json").is_file():  # finished by another process meanwhile
+            return {"busy": True, "seconds": 0.0}
         cfg = config.load(base, overrides)
         resume = (run_dir / "checkpoint.pt").is_file()
-        run_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(run_dir / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         kdfl_log.addHandler(handler)
@@ -339,6 +362,8 @@ def execute(job: tuple[str | None, list[str], str, bool, int]) -> dict[str, Any]
             pass
         return {"error": msg, "seconds": time.perf_counter() - t0}
     finally:
+        if lock is not None:
+            lock.close()  # releases the lock
         if handler is not None:
             kdfl_log.removeHandler(handler)
             handler.close()
@@ -351,7 +376,7 @@ def run_sweep(sw: Sweep, workers: int = 1, threads: int = 1, say: Callable[[str]
     threads each; 0 = torch's default) and write the aggregate. Returns counts by outcome."""
     runs = sw.runs()
     todo = [r for r in runs if run_status(r) != "done"]
-    counts = {"total": len(runs), "skipped": len(runs) - len(todo), "ok": 0, "failed": 0}
+    counts = {"total": len(runs), "skipped": len(runs) - len(todo), "ok": 0, "failed": 0, "busy": 0}
     sw.out.mkdir(parents=True, exist_ok=True)
     (sw.out / "sweep.toml").write_text(sw.path.read_text())  # what produced this directory
     say(f"sweep {sw.path}: {len(runs)} runs ({len(sw.methods)} methods x {len(sw.cells())} cells x "
@@ -362,7 +387,11 @@ def run_sweep(sw: Sweep, workers: int = 1, threads: int = 1, say: Callable[[str]
     failures: list[tuple[Run, str]] = []
 
     def done(i: int, run: Run, res: dict[str, Any]) -> None:
-        n = counts["ok"] + counts["failed"] + 1
+        n = counts["ok"] + counts["failed"] + counts["busy"] + 1
+        if res.get("busy"):
+            counts["busy"] += 1
+            say(f"  [{n}/{len(todo)}] {run.name}: left to the other sweep process running it")
+            return
         if "error" in res:
             counts["failed"] += 1
             failures.append((run, res["error"]))
