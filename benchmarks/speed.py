@@ -20,8 +20,10 @@ and its share of the dense float32 matmul GFLOP/s measured at the start of the r
 peak resident memory of the benchmark process and all its descendants (pool workers,
 Ray) during the timed rounds, and the warm-up: one untimed round, or for ``auto`` the
 rounds until its choice has settled (it may start and try a process pool), or for
-Flower the Ray start-up plus the first round. Flower runs as its own simulation (one
-SuperNode per client, one Ray actor of one CPU per core) after all the in-process
+Flower the start-up (its simulation SuperLink, ``flwr run``, Ray) plus the first round.
+Flower runs as its own simulation (``flwr run`` of
+:func:`kdfl.flower.simulate_clients`: one SuperNode per client, one Ray actor of one CPU
+per core) after all the in-process
 measurements, so its ratio is against the loop's median round. Then the goals of the issue are checked
 against the measured numbers, and the last line printed is a JSON object with the
 ratios.
@@ -236,8 +238,9 @@ def measure_in_process(names: list[str], task: Task, clients: list[Client], weig
 
 
 def measure_flower(task: Task, clients: list[Client], weights: dict, reps: int) -> dict:
-    """Flower's simulation engine: one run of ``1 + reps`` rounds; the first (Ray's start,
-    the actors' start and their first unpickling of the task) is the warm-up."""
+    """Flower's simulation engine (``flwr run`` on a simulation SuperLink): one run of
+    ``1 + reps`` rounds; the start-up and the first round (Ray's start, the actors' start
+    and their first unpickling of the task) are the warm-up."""
     try:
         from kdfl.flower import simulate_clients
     except ImportError as e:

@@ -8,7 +8,7 @@ Any kdfl algorithm runs unchanged: its client half in a Flower ``ClientApp``
 deployment engine.
 
     from kdfl.flower import make_client_app, make_server_app, simulate
-    hist = simulate("configs/fedema_distill.toml", ["run.rounds=2"])  # Flower's simulation engine
+    hist = simulate("configs/fedema_distill.toml", ["run.rounds=2"])  # flwr run on a simulation SuperLink
 """
 
 from __future__ import annotations

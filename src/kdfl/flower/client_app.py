@@ -2,10 +2,13 @@
 
 Messages from :mod:`kdfl.flower.server_app`:
 
-- ``query.kdfl_partition``: reply with this node's ``partition-id`` / ``num-partitions``
-  (from the SuperNode's ``--node-config``); kdfl client id = partition id.
+- ``query.kdfl_partition`` (the run's setup, once per node and run): content ``config``
+  (ConfigRecord: ``kdfl-config`` = the resolved TOML, ``kdfl-config-sha256``); the node
+  keeps the text in its context state and replies with its ``partition-id`` /
+  ``num-partitions`` (from the SuperNode's ``--node-config``); kdfl client id = partition id.
 - ``train``: content ``payload`` (ArrayRecord: the packed downlink) and ``config``
-  (ConfigRecord: ``round``, ``client-id``, ``kdfl-config`` = the resolved TOML). The app
+  (ConfigRecord: ``round``, ``client-id``, ``kdfl-config-sha256`` naming the config the
+  node received in the setup; the text itself is not resent every round). The app
   builds the same federation as the simulator (cached per process), the same
   :class:`~kdfl.types.Client` (same seed derivation), runs the algorithm's client program
   and replies with ``payload`` (ArrayRecord: the packed upload, native dtypes),
@@ -28,7 +31,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from kdfl.algorithms.program import run_client
-from kdfl.flower.federation import Prepared, prepare_text
+from kdfl.flower.federation import Prepared, config_digest, prepare_text
 from kdfl.flower.records import (
     STATE_KEY,
     load_client_state,
@@ -44,6 +47,8 @@ from kdfl.types import ClientInfo, KdflError
 log = logging.getLogger(__name__)
 
 PARTITION_QUERY = "query.kdfl_partition"
+CONFIG_STATE_KEY = "kdfl.config"  # context.state: the run's config text, from the setup query
+CONFIG_TEXT, CONFIG_SHA = "kdfl-config", "kdfl-config-sha256"  # ConfigRecord keys of the messages
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -75,14 +80,38 @@ def check_partition(pid: int, n: int, p: Prepared) -> None:
 
 
 def query_partition(msg: Message, context: Context) -> Message:
+    """The run's setup: keep the config text the server sent (once per node and run) and
+    report this node's partition."""
     pid, n = node_partition(context)
+    conf = msg.content.config_records.get("config")
+    if conf is not None and CONFIG_TEXT in conf:
+        text = str(conf[CONFIG_TEXT])
+        context.state[CONFIG_STATE_KEY] = ConfigRecord({CONFIG_TEXT: text, CONFIG_SHA: config_digest(text)})
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-partitions": n})}), reply_to=msg)
+
+
+def run_config(conf: ConfigRecord, context: Context) -> Prepared:
+    """The kdfl config a TRAIN / EVALUATE message refers to: its text when the message
+    carries it, else the text this node kept from the run's setup query (checked against
+    the digest the message names)."""
+    if CONFIG_TEXT in conf:  # a server that sends the text with every message
+        return prepare_text(str(conf[CONFIG_TEXT]))
+    want = str(conf.get(CONFIG_SHA, ""))
+    kept = context.state.get(CONFIG_STATE_KEY)
+    if not isinstance(kept, ConfigRecord) or str(kept[CONFIG_SHA]) != want:
+        raise KdflError(
+            f"this node holds no kdfl config with digest {want[:12]}... for this run "
+            f"({'none kept' if not isinstance(kept, ConfigRecord) else 'it kept ' + str(kept[CONFIG_SHA])[:12] + '...'}): the config is "
+            f"sent once per run in the setup query ({PARTITION_QUERY}), which this node did not get (it joined "
+            "after the ServerApp started?); restart the run with every SuperNode connected"
+        )
+    return prepare_text(str(kept[CONFIG_TEXT]))
 
 
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # several ClientApps share the machine's cores
     conf = msg.content.config_records["config"]
-    p = prepare_text(str(conf["kdfl-config"]))
+    p = run_config(conf, context)
     pid, n = node_partition(context)
     check_partition(pid, n, p)
     cid, round_num = int(conf["client-id"]), int(conf["round"])  # type: ignore[arg-type]
@@ -112,7 +141,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     of the downlink and the kept state) on its held-out split and on the test set."""
     torch.set_num_threads(1)
     conf = msg.content.config_records["config"]
-    p = prepare_text(str(conf["kdfl-config"]))
+    p = run_config(conf, context)
     pid, n = node_partition(context)
     check_partition(pid, n, p)
     cid, round_num = int(conf["client-id"]), int(conf["round"])  # type: ignore[arg-type]

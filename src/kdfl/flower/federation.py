@@ -4,6 +4,7 @@ makes clients exactly like the simulator does, the threat and the codecs."""
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,29 @@ else:  # pragma: no cover
 CONFIG_KEY = "kdfl-config"  # run-config key: a TOML path (or TOML text)
 OVERRIDES_KEY = "kdfl-set"  # run-config key: "section.key=value" overrides separated by ';'
 OUT_KEY = "kdfl-out"  # run-config key: directory for metrics.jsonl / summary.json
+TIMEOUT_KEY = "kdfl-timeout-s"  # run-config key: seconds the ServerApp waits for the replies of one phase
+RESUME_KEY = "kdfl-resume"  # run-config key: continue the run in kdfl-out from its checkpoint
+DEFAULT_REPLY_TIMEOUT_S = 600.0  # a node silent this long in a round is a failed client of that round
+
+
+def reply_timeout(value: Any) -> float:
+    """A finite, positive reply timeout in seconds (None: :data:`DEFAULT_REPLY_TIMEOUT_S`).
+
+    Every ``send_and_receive`` of the ServerApp waits at most this long, so a dead or
+    stalled SuperNode becomes a failed client of the round instead of stalling the run."""
+    if value is None or value == "":
+        return DEFAULT_REPLY_TIMEOUT_S
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = math.nan
+    if not math.isfinite(t) or t <= 0:
+        raise KdflError(
+            f"{TIMEOUT_KEY} must be a finite number of seconds > 0, got {value!r}: it bounds how long the ServerApp "
+            f"waits for the replies of a round (default {DEFAULT_REPLY_TIMEOUT_S:.0f}); set e.g. "
+            f"--run-config \"{TIMEOUT_KEY}=120\""
+        )
+    return t
 
 
 def load_config(
@@ -72,7 +96,7 @@ class Prepared:
     """One config, built once per process."""
 
     cfg: Config
-    text: str  # the resolved config as TOML (sent to the clients)
+    text: str  # the resolved config as TOML (sent to every node once per run, in the setup query)
     fed: Federation
     engine: Engine  # its settings, and ``client`` (the same Client as the simulator builds)
     threat: Threat | None
@@ -83,6 +107,16 @@ class Prepared:
     def num_clients(self) -> int:
         return len(self.fed.partitions)
 
+    @property
+    def digest(self) -> str:
+        """SHA-256 of :attr:`text`: what TRAIN / EVALUATE messages carry instead of the text."""
+        return config_digest(self.text)
+
+
+def config_digest(text: str) -> str:
+    """SHA-256 (hex) of a resolved config text."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
 
 _CACHE: dict[str, Prepared] = {}
 
@@ -90,7 +124,7 @@ _CACHE: dict[str, Prepared] = {}
 def prepare(cfg: Config) -> Prepared:
     """Build (or take from this process's cache) everything a Flower app needs."""
     text = config_mod.dumps(cfg)
-    key = hashlib.sha256(text.encode()).hexdigest()
+    key = config_digest(text)
     if key in _CACHE:
         return _CACHE[key]
     threat = make_threat(cfg["attack"], 0)
@@ -115,7 +149,7 @@ def prepare(cfg: Config) -> Prepared:
 
 def prepare_text(text: str) -> Prepared:
     """:func:`prepare` from the resolved TOML text the ServerApp sends."""
-    key = hashlib.sha256(text.encode()).hexdigest()
+    key = config_digest(text)
     if key in _CACHE:
         return _CACHE[key]
     p = prepare(load_config(text))
