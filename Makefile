@@ -80,3 +80,14 @@ check: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
+
+# coverage-guided fuzzing of the parsers (wire format, codecs, config loader, data-set readers)
+# with atheris: FUZZ_TIME seconds per target; a crash stops the target and leaves fuzz/crash-*
+FUZZ_TIME ?= 60
+FUZZ_TARGETS = wire codecs config datasets
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(BIN)/python fuzz/make_corpus.py
+	for t in $(FUZZ_TARGETS); do \
+		$(BIN)/python fuzz/run.py $$t fuzz/corpus/$$t -max_total_time=$(FUZZ_TIME) -artifact_prefix=fuzz/ \
+			-print_final_stats=1 || exit 1; done

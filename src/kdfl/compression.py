@@ -92,6 +92,19 @@ def _check_shape(codec: str, got: tuple[int, ...], expected: tuple[int, int] | N
         raise PayloadError(f"{codec}: payload decodes to shape {tuple(got)}, expected {tuple(expected)}")
 
 
+# the most values one decoded tensor (and one unpacked payload, :func:`kdfl.transport.unpack`)
+# may hold: 2^26 float32 = 256 MiB, the default upload limit (:data:`kdfl.wire.DEFAULT_MAX_BYTES`).
+# Top-k and SVD payloads expand on decoding (a few bytes can claim billions of columns); this
+# bounds what a corrupt or hostile payload makes the receiver allocate.
+MAX_DECODED_VALUES = 2**26
+
+
+def _check_size(codec: str, rows: int, cols: int) -> None:
+    if rows * cols > MAX_DECODED_VALUES:
+        raise PayloadError(f"{codec}: payload decodes to {rows} x {cols} = {rows * cols} values, more than the "
+                           f"limit of {MAX_DECODED_VALUES}; a corrupt or hostile payload")
+
+
 def _check_finite(codec: str, what: str, t: Tensor) -> None:
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
@@ -292,6 +305,7 @@ class TopK:
         if not 1 <= k <= cols:
             raise PayloadError(f"{self.name}: {k} kept values per row for {cols} columns; need 1 <= k <= cols")
         _check_shape(self.name, (rows, cols), shape)
+        _check_size(self.name, rows, cols)
         _check_finite(self.name, "values", vals)
         idx = idx.long()  # (rows, k)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cols):
@@ -404,6 +418,7 @@ class SVD:
             raise PayloadError(f"{self.name}: factors of inconsistent rank: u {tuple(u.shape)}, s {tuple(s.shape)}, "
                                f"vt {tuple(vt.shape)} (need u (rows, k), s (k,), vt (k, cols), k >= 1)")
         _check_shape(self.name, (u.shape[0], vt.shape[1]), shape)
+        _check_size(self.name, u.shape[0], vt.shape[1])
         for what, t in (("u", u), ("s", s), ("vt", vt)):
             _check_finite(self.name, what, t)
         out = (u * s) @ vt  # (rows, cols)

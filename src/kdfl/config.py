@@ -13,6 +13,8 @@ Sections and their keys::
                  hyperparameters; nested settings as sub-tables, e.g. [algorithm.distill]
     [attack]     name, fraction, + the attack's parameters
     [compression] uplink, downlink (codecs: fp32, fp16, int8, topk:K)
+    [privacy]    mode ("none", "local", "central"; "local" when only noise_multiplier > 0 is
+                 set), clip, noise_multiplier, delta, allow_integer_entries (see kdfl.privacy)
 
 An unknown key is an error that names the key and close matches; a wrong type or an
 out-of-range value names the allowed values. ``--set section.key=value`` overrides a
@@ -52,6 +54,7 @@ DEFAULTS: Config = {
     "algorithm": {"name": "fedavg"},
     "attack": {"name": "none", "fraction": 0.0},
     "compression": {"uplink": "fp32", "downlink": "fp32"},
+    "privacy": {"mode": "none", "clip": 1.0, "noise_multiplier": 0.0, "delta": 1e-5, "allow_integer_entries": False},
 }
 _RUN_EXTRA = {"seed": int, "executor": str, "device": str, "threads": int}
 _DATA_FIXED = {"name": str, "data_dir": str, "num_clients": int, "proxy": str, "proxy_size": int, "val_size": int,
@@ -239,7 +242,9 @@ def validate(raw: dict[str, Any]) -> Config:
            lambda fn: {} if fn is None else function_hints(fn, {"labels", "num_clients", "rng"}))
     _validate_algorithm(cfg)
     # the algorithm checks its own hyperparameters' ranges (mu >= 0, momentum in [0, 1), ...)
-    build_algorithm(cfg["algorithm"]["name"], local, {k: v for k, v in cfg["algorithm"].items() if k != "name"})
+    algorithm = build_algorithm(cfg["algorithm"]["name"], local,
+                                {k: v for k, v in cfg["algorithm"].items() if k != "name"})
+    _validate_privacy(cfg, raw.get("privacy", {}), algorithm)
     _named(cfg, "attack", {"none": None, **ATTACKS}, "attack", {"fraction": float},
            lambda spec: {} if spec is None else function_hints(spec.fn, ATTACK_INPUTS))
     attack = cfg["attack"]
@@ -256,6 +261,18 @@ def validate(raw: dict[str, Any]) -> Config:
     if not 0 <= cfg["attack"]["fraction"] < 0.5:
         raise KdflError(f"attack.fraction must be in [0, 0.5), got {cfg['attack']['fraction']}")
     return cfg
+
+
+def _validate_privacy(cfg: Config, raw: dict[str, Any], algorithm: Any) -> None:
+    """[privacy]: keys, ranges, the default mode ("local" when only noise_multiplier > 0
+    is set) and whether the accountant covers the algorithm and its rule in that mode."""
+    from kdfl.privacy import PrivacySettings, check_combination
+
+    _validate_fixed(cfg, "privacy", dataclass_hints(PrivacySettings))
+    section = cfg["privacy"]
+    if "mode" not in raw and section["noise_multiplier"] > 0:
+        section["mode"] = "local"
+    check_combination(algorithm, PrivacySettings(**section))
 
 
 _RUN_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
@@ -350,7 +367,7 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
             raise KdflError(f"config {p} is a directory: name one config file in it{hint}")
         try:
             raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8 text
             raise KdflError(f"config file {p} is not valid TOML: {e}") from None
     return validate(apply_overrides(raw, overrides))
 

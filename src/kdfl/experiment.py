@@ -181,6 +181,7 @@ def run(
     Returns the engine's :class:`~kdfl.simulation.engine.History`.
     """
     from kdfl.data import format_label_table
+    from kdfl.privacy import settings_of
     from kdfl.simulation.engine import Engine, RunSettings
     from kdfl.simulation.executors import make_executor
     from kdfl.threat import make_threat
@@ -212,6 +213,7 @@ def run(
         run_dir=run_dir, on_round=on_round, holdouts=fed.holdouts,
         uplink_codec=codec_of(cfg["compression"]["uplink"]),
         downlink_codec=codec_of(cfg["compression"]["downlink"]),
+        privacy=settings_of(cfg.get("privacy")),
     )
     try:
         return engine.run(resume=resume)

@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import io
 import logging
+import math
 import os
 import pickle
 import random
@@ -352,8 +353,11 @@ def _corrupt(dataset: str, path: Path, err: BaseException | str) -> KdflError:
 # ------------------------------------------------------------------------ CIFAR
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles only plain containers and numpy arrays: an archive cannot run code."""
+class _ArrayUnpickler(pickle._Unpickler):
+    """Unpickles only plain containers and numpy arrays: an archive cannot run code.
+
+    The pure-Python unpickler, whose memo is a dict: the C one grows its memo table to the
+    largest index a (corrupt) ``LONG_BINPUT`` names, gigabytes for a 5-byte opcode."""
 
     _ALLOWED = {
         ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -387,16 +391,23 @@ def _read_cifar(dataset: str, path: Path, members: dict[str, list[str]], label_k
                     f = tar.extractfile(member)
                     if f is None:
                         raise KeyError(f"{member} is not a file")
-                    batch = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-                    data = np.asarray(batch[b"data"], dtype=np.uint8)
-                    labels = np.asarray(batch[label_key], dtype=np.int64)
-                    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+                    try:
+                        batch = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+                    except Exception as e:  # a corrupt pickle raises any type (struct.error, LookupError, ...)
+                        raise pickle.UnpicklingError(f"{member}: {type(e).__name__}: {e}") from e
+                    data = batch[b"data"]
+                    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:  # not nested lists: a few
+                        raise ValueError(f"{member}: data is {type(data).__name__} {getattr(data, 'dtype', '')}, "
+                                         "expected a uint8 array")  # bytes of references can claim GBs
+                    labels = np.fromiter(batch[label_key], dtype=np.int64, count=len(batch[label_key]))
+                    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(data) != len(labels):
                         raise ValueError(f"{member}: data {data.shape}, {len(labels)} labels")
                     xs.append(data.reshape(-1, 3, 32, 32))  # rows are R(1024) G(1024) B(1024)
                     ys.append(labels)
                 out[split] = (np.concatenate(xs), np.concatenate(ys))
     except (tarfile.TarError, EOFError, OSError, zlib.error, pickle.UnpicklingError,
-            KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            KeyError, ValueError, TypeError, IndexError, AttributeError,
+            LookupError, OverflowError, MemoryError, RecursionError) as e:  # what a corrupt pickle raises
         raise _corrupt(dataset, path, e) from e
     return out
 
@@ -466,7 +477,7 @@ def _read_idx(dataset: str, path: Path, magic: int, ndim: int) -> np.ndarray:
     if got != magic:
         raise _corrupt(dataset, path, f"IDX magic {got}, expected {magic}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    size = int(np.prod(dims))
+    size = math.prod(dims)  # exact: np.prod wraps around in int64 (2^31 x 2^31 x 4 "= 0")
     if len(raw) - header != size:
         raise _corrupt(dataset, path, f"header says {dims} = {size} bytes of data, found {len(raw) - header}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)

@@ -9,7 +9,10 @@ each client's state (a client keeps its state whenever its training finished, li
 Flower node does), lets Byzantine clients tamper with their uploads, compresses and
 encodes every upload (bytes counted) and decodes it for the server. A client that
 raises, or whose upload cannot be encoded, is a failed client; an upload that cannot be
-decoded is rejected with a reason; the round goes on.
+decoded is rejected with a reason; the round goes on. With ``[privacy]`` mode "local" it
+clips and noises every upload on the client side (after the executor, before any
+tampering and encoding); mode "central" clips and noises the accepted uploads on the
+server (:class:`kdfl.privacy.CentralDP`); the engine reports ε per round.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdfl import privacy as dp
 from kdfl import wire
 from kdfl.compression import Codec
 from kdfl.rng import derive
@@ -104,8 +108,9 @@ class LocalTransport:
     def __init__(self, algorithm: Algorithm, task: Task, partitions: Sequence[Tensor], executor: Executor,
                  threat: Threat | None = None, uplink_codec: Codec | None = None,
                  downlink_codec: Codec | None = None, states: MutableMapping[int, ClientState] | None = None,
-                 holdouts: Sequence[Tensor] | None = None) -> None:
+                 holdouts: Sequence[Tensor] | None = None, privacy: dp.PrivacySettings | None = None) -> None:
         self.algorithm, self.task, self.partitions, self.executor = algorithm, task, partitions, executor
+        self.privacy = privacy
         self.threat, self.uplink_codec, self.downlink_codec = threat, uplink_codec, downlink_codec
         self.states: MutableMapping[int, ClientState] = {} if states is None else states
         self.holdouts = holdouts
@@ -161,6 +166,9 @@ class LocalTransport:
                     r = dataclasses.replace(r, client_state=None)
                 updates.append(r)
             del runs
+        record: dict[str, Any] = {}
+        if self.privacy is not None and self.privacy.mode == "local" and updates:  # on the clients, before tampering
+            updates, record = dp.local_noise(updates, self.privacy, self.task.seed, round_num)
         if self.threat is not None and updates:
             updates = self.threat.tamper(updates, [u.client_id in self.task.malicious for u in updates], round_num,
                                          self.task)
@@ -174,11 +182,11 @@ class LocalTransport:
                 continue
             received: Payload | None
             try:
-                received, reject = unpack(wire.decode(buf), self.uplink_codec), None
+                received, reject = unpack(wire.decode(buf, wire.upload_limit()), self.uplink_codec), None
             except PayloadError as e:
                 received, reject = None, str(e)
             replies[u.client_id] = Reply(u.client_id, u.num_examples, received, u.metrics, len(buf), reject=reject)
-        return Exchange(down_bytes, [replies[info.id] for info, _ in jobs])
+        return Exchange(down_bytes, [replies[info.id] for info, _ in jobs], record)
 
 
 class Engine:
@@ -197,8 +205,11 @@ class Engine:
         uplink_codec: Codec | None = None,
         downlink_codec: Codec | None = None,
         holdouts: Sequence[np.ndarray] | None = None,
+        privacy: dp.PrivacySettings | None = None,
     ) -> None:
         self.algorithm, self.task, self.settings = algorithm, task, settings
+        self.privacy = privacy if privacy is not None and privacy.enabled else None
+        dp.check_combination(algorithm, self.privacy)
         self.partitions = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in partitions]
         self.holdouts = None if holdouts is None else [torch.as_tensor(np.asarray(h), dtype=torch.long)
                                                          for h in holdouts]
@@ -212,7 +223,7 @@ class Engine:
 
     def transport(self, states: MutableMapping[int, ClientState]) -> LocalTransport:
         return LocalTransport(self.algorithm, self.task, self.partitions, self.executor, self.threat,
-                              self.uplink_codec, self.downlink_codec, states, self.holdouts)
+                              self.uplink_codec, self.downlink_codec, states, self.holdouts, self.privacy)
 
     def holdout(self, cid: int) -> TensorData | None:
         """Client ``cid``'s held-out split (``data.client_holdout``), or None."""
@@ -226,8 +237,16 @@ class Engine:
     def round(self, state: ServerState, round_num: int,
               client_states: MutableMapping[int, ClientState]) -> tuple[ServerState, dict[str, Any]]:
         """One round (``client_states`` is updated in place with what clients keep)."""
-        return run_round(self.algorithm, self.task, state, round_num, self.settings, len(self.partitions),
+        algorithm: Algorithm = self.algorithm
+        if self.privacy is not None and self.privacy.mode == "central":  # the trusted server clips and noises
+            algorithm = dp.CentralDP(self.algorithm, self.privacy)
+        return run_round(algorithm, self.task, state, round_num, self.settings, len(self.partitions),
                          self.transport(client_states))
+
+    def epsilon(self, records: Sequence[dict[str, Any]]) -> float:
+        """ε at ``privacy.delta`` after ``records`` (see :func:`kdfl.privacy.run_epsilon`)."""
+        assert self.privacy is not None
+        return dp.run_epsilon(self.privacy, records, len(self.partitions), self.settings.clients_per_round)
 
     # -- the run ---------------------------------------------------------------------
     def run(self, resume: bool = False) -> History:
@@ -263,6 +282,8 @@ class Engine:
                     f.write(json.dumps(rec) + "\n")
         for r in range(start, self.settings.rounds + 1):
             state, record = self.round(state, r, client_states)
+            if self.privacy is not None:
+                record["epsilon"] = self.epsilon([*hist.records, record])
             hist.records.append(record)
             if self.run_dir is not None:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -283,6 +304,10 @@ class Engine:
                                     self.transport(client_states))
         hist.clients = clients
         hist.summary = summarize(hist.records, self.settings.target_accuracy, clients)
+        if self.privacy is not None:
+            hist.summary.update(epsilon=self.epsilon(hist.records), delta=self.privacy.delta,
+                                privacy_mode=self.privacy.mode, noise_multiplier=self.privacy.noise_multiplier,
+                                clip=self.privacy.clip)
         if self.run_dir is not None:
             (self.run_dir / "summary.json").write_text(json.dumps(hist.summary, indent=2) + "\n")
             (self.run_dir / "clients.json").write_text(json.dumps(clients) + "\n")

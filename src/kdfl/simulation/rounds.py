@@ -10,6 +10,15 @@ algorithm, and only the transport differs between runtimes: the simulator's
 process, bytes measured on :mod:`kdfl.wire` encodings) and Flower's
 (:mod:`kdfl.flower.server_app`: messages to SuperNodes, bytes measured on the records).
 Client state lives on the client side of the transport in both.
+
+Stragglers (``[run] deadline``): every client has a speed drawn once per run
+(:func:`~kdfl.simulation.sampling.client_speed`) and a simulated time per round, its
+local work (training examples processed: ``num_examples x local.epochs``, or
+``local.steps x batch size``) at that speed plus its upload at ``upload_bandwidth``. An
+upload whose client needs longer than the deadline arrives late: it is counted (``late``;
+its bytes were sent, so they count in ``uplink_bytes``) but never checked nor aggregated.
+Late clients train as everyone else and keep what they trained, as a real client would.
+Uploads larger than ``[run] max_upload_bytes`` are rejected before they are decoded.
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kdfl.simulation.sampling import dropouts, sample_clients
+from kdfl import wire
+from kdfl.simulation.sampling import client_speed, dropouts, sample_clients, simulated_seconds
 from kdfl.train import evaluate
 from kdfl.types import (
     Algorithm,
@@ -58,6 +68,16 @@ class RunSettings:
             its last round, for the summary.
         client_states_in_memory: the simulator keeps at most this many stateful clients'
             states in memory and the rest in files (0 = all in memory).
+        deadline: simulated seconds a round waits for uploads; clients whose simulated
+            time exceeds it are stragglers: their uploads are dropped (``late``). 0 = no
+            deadline.
+        speed_spread: sigma of the lognormal client speeds (median 1; 0 = all equal; at most 10).
+        examples_per_second: training examples a median-speed client processes per
+            simulated second.
+        upload_bandwidth: uplink bytes per simulated second, for every client (0 = uploads
+            take no simulated time).
+        max_upload_bytes: uploads larger than this are rejected before they are decoded
+            (default 256 MiB; 0 = no limit).
     """
 
     rounds: int = 10
@@ -68,6 +88,11 @@ class RunSettings:
     checkpoint_every: int = 1
     client_eval_every: int = 0
     client_states_in_memory: int = 0
+    deadline: float = 0.0
+    speed_spread: float = 0.5
+    examples_per_second: float = 1000.0
+    upload_bandwidth: float = 0.0
+    max_upload_bytes: int = wire.DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.eval_every < 1 or self.clients_per_round < 0 or self.checkpoint_every < 0:
@@ -76,10 +101,41 @@ class RunSettings:
             raise KdflError("run.client_eval_every and run.client_states_in_memory must be >= 0")
         if not 0 <= self.dropout < 1:
             raise KdflError(f"run.dropout must be in [0, 1), got {self.dropout}")
+        ranges = {
+            "deadline": (self.deadline >= 0, "a finite number >= 0 (simulated seconds; 0 = no deadline)"),
+            "speed_spread": (0 <= self.speed_spread <= 10, "in [0, 10] (0 = all clients equally fast)"),
+            "examples_per_second": (self.examples_per_second > 0, "a finite number > 0"),
+            "upload_bandwidth": (self.upload_bandwidth >= 0, "a finite number >= 0 (bytes per simulated "
+                                                             "second; 0 = uploads take no time)"),
+            "max_upload_bytes": (self.max_upload_bytes >= 0, "an integer >= 0 (0 = no limit)"),
+        }
+        for key, (ok, allowed) in ranges.items():
+            value = getattr(self, key)
+            if not ok or not math.isfinite(value):
+                raise KdflError(f"run.{key} must be {allowed}, got {value!r}")
 
     def client_eval_due(self, round_num: int) -> bool:
         """Per-client metrics in this round's record (the final ones go to the summary)."""
         return self.client_eval_every > 0 and round_num % self.client_eval_every == 0
+
+    def client_seconds(self, algorithm: Algorithm, task: Task, reply: Reply) -> float:
+        """The simulated time client ``reply.client_id`` took this round (see the module docstring)."""
+        speed = client_speed(task.seed, reply.client_id, self.speed_spread)
+        return simulated_seconds(local_work(algorithm, reply.num_examples), reply.up_bytes, speed,
+                                 self.examples_per_second, self.upload_bandwidth)
+
+
+def local_work(algorithm: Algorithm, num_examples: int) -> int:
+    """Training examples a client with ``num_examples`` processes in a round, from the
+    algorithm's ``local`` settings (:class:`~kdfl.train.LocalSGD`): ``epochs x
+    num_examples``, or ``steps x min(batch_size, num_examples)`` when ``steps`` is set;
+    one pass for an algorithm without ``local``."""
+    local = getattr(algorithm, "local", None)
+    if local is None:
+        return num_examples
+    if local.steps:
+        return int(local.steps * min(local.batch_size, num_examples))
+    return int(local.epochs * num_examples)
 
 
 @dataclass(frozen=True)
@@ -132,6 +188,8 @@ class RoundOutcome:
     failed: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
     accepted: list[ClientUpdate] = field(default_factory=list)
+    late: list[int] = field(default_factory=list)
+    sim_seconds: float = 0.0
 
 
 def _finite(payload: Payload) -> None:
@@ -174,6 +232,7 @@ def round_record(task: Task, state: ServerState, metrics: RoundMetrics, outcome:
         "dropped": sorted(o.dropped),
         "failed": list(o.failed),
         "rejected": list(o.rejected),
+        "late": list(o.late),
         "malicious": [c for c in o.active if c in task.malicious],
         "uplink_bytes": int(sum(o.up_bytes)),
         "downlink_bytes": int(sum(o.down_bytes)),
@@ -227,15 +286,24 @@ def run_round(algorithm: Algorithm, task: Task, state: ServerState, round_num: i
     active = [c for c in sampled if c not in dropped]
     jobs = [(info, algorithm.configure(task, state, info))
             for info in (ClientInfo(c, task.client_archs[c], round_num) for c in active)]
-    ex = transport.exchange(round_num, jobs)
+    with wire.limit_uploads(settings.max_upload_bytes):  # what the transport decodes
+        ex = transport.exchange(round_num, jobs)
     o = RoundOutcome(sampled, dropped, active, ex.down_bytes)
     for r in ex.replies:  # in job order, so aggregation sums in the same order in every runtime
         if r.error is not None:
             log.warning("round %d: client %d failed and is excluded: %s", round_num, r.client_id, r.error)
             o.failed.append(r.client_id)
             continue
-        o.up_bytes.append(r.up_bytes)
+        o.up_bytes.append(r.up_bytes)  # sent, whether it arrives in time or not
+        seconds = settings.client_seconds(algorithm, task, r)
+        if settings.deadline and seconds > settings.deadline:
+            log.info("round %d: client %d is a straggler (%.3g simulated s > deadline %.3g s); its upload is "
+                     "dropped", round_num, r.client_id, seconds, settings.deadline)
+            o.late.append(r.client_id)
+            continue
+        o.sim_seconds = max(o.sim_seconds, seconds)
         try:
+            wire.check_size(r.up_bytes, settings.max_upload_bytes)  # every runtime, whatever it decoded
             if r.reject is not None or r.payload is None:
                 raise PayloadError(r.reject or "no payload")
             o.accepted.append(accept_upload(algorithm, task, state,
@@ -249,6 +317,7 @@ def run_round(algorithm: Algorithm, task: Task, state: ServerState, round_num: i
         log.warning("round %d: no client update accepted; the server state is unchanged", round_num)
         state, metrics = dataclasses.replace(state, round=state.round + 1), {}
     record = round_record(task, state, metrics, o, round_num, settings)
+    record["sim_seconds"] = settings.deadline if o.late else o.sim_seconds  # the server waited until the deadline
     record.update(ex.record)
     if settings.client_eval_due(round_num):
         record.update(client_eval_record(algorithm, task, state, round_num, num_clients, transport))
@@ -299,6 +368,7 @@ def summarize(records: Sequence[dict[str, Any]], target: float | None,
         "wall_seconds": float(sum(r["wall_seconds"] for r in records)),
         "failed_clients": sum(len(r["failed"]) for r in records),
         "rejected_payloads": sum(len(r["rejected"]) for r in records),
+        "late_clients": sum(len(r.get("late", ())) for r in records),
         **{k: per_client.get(k) for k in client_keys},
         "client_eval_round": per_client.get("round"),
     }
