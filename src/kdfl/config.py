@@ -3,9 +3,13 @@
 Sections and their keys::
 
     [run]        seed, rounds, clients_per_round, eval_every, target_accuracy, dropout,
-                 checkpoint_every, executor, device, threads (torch threads; 0 = torch's default)
+                 checkpoint_every, executor, device, threads (torch threads; 0 = torch's default),
+                 deadline, speed_spread, examples_per_second, upload_bandwidth (stragglers),
+                 max_upload_bytes (checked before an upload is decoded)
     [data]       name, data_dir, num_clients, proxy, proxy_size, val_size, client_holdout
-                 (share of each client's data held out for per-client accuracy), + data set options
+                 (share of each client's data held out for per-client accuracy), pool_size and
+                 test_size (random subsets of the clients' pool and of the test set; 0 = all),
+                 + data set options
     [partition]  name, + partition parameters (alpha, min_size, classes_per_client, ...)
     [model]      arch, client_archs, assign
     [local]      epochs, steps, batch_size, lr, momentum, weight_decay, optimizer
@@ -47,7 +51,7 @@ Config = dict[str, dict[str, Any]]
 DEFAULTS: Config = {
     "run": {"seed": 0, "executor": "sequential", "device": "cpu", "threads": 0},
     "data": {"name": "digits", "data_dir": "", "num_clients": 20, "proxy": "none", "proxy_size": 0, "val_size": 0,
-             "client_holdout": 0.0},
+             "client_holdout": 0.0, "pool_size": 0, "test_size": 0},
     "partition": {"name": "dirichlet", "alpha": 0.5},
     "model": {"arch": "mlp", "client_archs": [], "assign": "round_robin"},
     "local": {},
@@ -58,7 +62,7 @@ DEFAULTS: Config = {
 }
 _RUN_EXTRA = {"seed": int, "executor": str, "device": str, "threads": int}
 _DATA_FIXED = {"name": str, "data_dir": str, "num_clients": int, "proxy": str, "proxy_size": int, "val_size": int,
-               "client_holdout": float}
+               "client_holdout": float, "pool_size": int, "test_size": int}
 _MODEL = {"arch": str, "client_archs": list, "assign": str}
 ATTACK_INPUTS = {"x", "malicious", "rng", "y", "num_classes"}  # supplied by the engine, not the config
 

@@ -59,7 +59,7 @@ def build(cfg: Config) -> Federation:
     bundle = load(data["name"], data_dir=data_dir, **options)
     splits = make_splits(
         bundle, proxy=data["proxy"], proxy_size=data["proxy_size"], val_size=data["val_size"], seed=seed,
-        data_dir=data_dir,
+        data_dir=data_dir, pool_size=data["pool_size"], test_size=data["test_size"],
     )
     params = {k: v for k, v in part.items() if k != "name"}
     labels = splits.train.y.numpy()

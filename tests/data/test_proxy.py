@@ -88,3 +88,23 @@ def test_size_errors(digits):
         make_splits(digits, val_size=-1)
     with pytest.raises(KdflError, match="unknown proxy 'public'.*holdout"):
         make_splits(digits, proxy="public")
+
+
+def test_pool_and_test_subsets(digits):
+    full = make_splits(digits, proxy="holdout", proxy_size=200, val_size=100, seed=3)
+    s = make_splits(digits, proxy="holdout", proxy_size=200, val_size=100, seed=3, pool_size=500, test_size=50)
+    # the proxy and validation rows do not move when the pool shrinks
+    assert torch.equal(s.proxy, full.proxy) and torch.equal(s.val.y, full.val.y)
+    assert len(s.train) == 500 and set(s.train_index.tolist()) <= set(full.train_index.tolist())
+    # nested: a larger pool keeps the smaller one's rows
+    bigger = make_splits(digits, proxy="holdout", proxy_size=200, val_size=100, seed=3, pool_size=800)
+    assert set(s.train_index.tolist()) <= set(bigger.train_index.tolist())
+    assert len(s.test) == 50 and rows(s.test.x) <= rows(digits.test.x)
+    again = make_splits(digits, proxy="holdout", proxy_size=200, val_size=100, seed=3, pool_size=500, test_size=50)
+    assert torch.equal(again.test.x, s.test.x) and np.array_equal(again.train_index, s.train_index)
+    with pytest.raises(KdflError, match="pool_size=100000"):
+        make_splits(digits, proxy_size=200, pool_size=100_000)
+    with pytest.raises(KdflError, match="test_size=100000"):
+        make_splits(digits, test_size=100_000)
+    with pytest.raises(KdflError, match="pool_size must be an integer"):
+        make_splits(digits, pool_size=-1)

@@ -56,7 +56,8 @@ class Splits:
 
 
 def make_splits(bundle: DataBundle, *, proxy: str = "holdout", proxy_size: int = 0, val_size: int = 0,
-                seed: int = 0, data_dir: str | Path | None = None) -> Splits:
+                seed: int = 0, data_dir: str | Path | None = None, pool_size: int = 0,
+                test_size: int = 0) -> Splits:
     """Split ``bundle.train`` into client pool, proxy and validation slice.
 
     Args:
@@ -68,15 +69,20 @@ def make_splits(bundle: DataBundle, *, proxy: str = "holdout", proxy_size: int =
             (disjoint from a holdout proxy).
         seed: everything is a deterministic function of it.
         data_dir: where ``dataset:<name>`` proxies are read (see ``datasets.cache_dir``).
+        pool_size: keep only this many samples of the clients' pool, drawn at random after
+            the proxy and validation rows (0 = all): a smaller federation of the same data
+            for CPU budgets. Changing it never changes the proxy or validation rows.
+        test_size: evaluate on this many test samples drawn at random (0 = all).
 
     Raises:
         KdflError: unknown proxy kind, negative or too large sizes, or a proxy data set
             whose input shape differs from ``bundle``'s.
     """
-    for key, value in (("proxy_size", proxy_size), ("val_size", val_size)):
+    for key, value in (("proxy_size", proxy_size), ("val_size", val_size), ("pool_size", pool_size),
+                       ("test_size", test_size)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
             raise KdflError(f"{key} must be an integer >= 0, got {value!r}")
-    proxy_size, val_size = int(proxy_size), int(val_size)
+    proxy_size, val_size, pool_size, test_size = int(proxy_size), int(val_size), int(pool_size), int(test_size)
     kind = proxy.split(":", 1)[0]
     if kind not in ("holdout", "noise", "dataset", "none") or (kind == "dataset" and not proxy[8:]) \
             or (kind != "dataset" and ":" in proxy):
@@ -91,7 +97,13 @@ def make_splits(bundle: DataBundle, *, proxy: str = "holdout", proxy_size: int =
     # Separate streams so that changing one size never reshuffles the other choices.
     perm = numpy_rng(seed, "splits", "pool").permutation(n)
     proxy_idx, val_idx = perm[:held], perm[held:held + val_size]
-    keep = np.sort(perm[held + val_size:])
+    rest = perm[held + val_size:]
+    if pool_size:
+        if pool_size > len(rest):
+            raise KdflError(f"pool_size={pool_size} but the training pool of {bundle.name!r} has {len(rest)} samples "
+                            f"after proxy_size={held} and val_size={val_size}: lower pool_size (0 = all)")
+        rest = rest[:pool_size]  # the permutation's order: a random subset, nested as pool_size grows
+    keep = np.sort(rest)
     x = bundle.train.x
 
     proxy_x: torch.Tensor | None
@@ -121,9 +133,16 @@ def make_splits(bundle: DataBundle, *, proxy: str = "holdout", proxy_size: int =
         new_pos = np.full(n, -1, dtype=np.int64)
         new_pos[keep] = np.arange(len(keep))
         natural = [new_pos[p][new_pos[p] >= 0] for p in bundle.natural_partition]
+    test = bundle.test
+    if test_size:
+        if test_size > len(test):
+            raise KdflError(f"test_size={test_size} but {bundle.name!r} has {len(test)} test samples: lower "
+                            "test_size (0 = all)")
+        pick = np.sort(numpy_rng(seed, "splits", "test").permutation(len(test))[:test_size])
+        test = test.subset(torch.from_numpy(pick))
     return Splits(
         train=bundle.train.subset(torch.from_numpy(keep)),
-        test=bundle.test,
+        test=test,
         proxy=proxy_x,
         val=val,
         natural_partition=natural,
