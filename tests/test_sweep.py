@@ -229,3 +229,16 @@ def test_a_run_locked_by_another_process_is_left_to_it(tmp_path: Path) -> None:
     finally:
         lock.close()
     assert sweep.run_sweep(sw, say=lines.append)["ok"] == 1  # released: it runs now
+
+
+def test_a_component_name_comes_before_its_options(tmp_path: Path) -> None:
+    # attack.name resets [attack] (switching component drops the old options), so a grid that
+    # lists the fraction first must still attack
+    p = write(tmp_path, TINY + """
+[grid]
+"attack.fraction" = [0.25]
+"attack.name" = ["sign_flip"]
+""")
+    sw = sweep.load(p)
+    o = list(sw.runs()[0].overrides)
+    assert o.index("attack.name=\"sign_flip\"") < o.index("attack.fraction=0.25")

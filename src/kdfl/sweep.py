@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdfl.config import NAMED_SECTIONS
 from kdfl.types import KdflError
 
 if sys.version_info >= (3, 11):
@@ -166,7 +167,11 @@ class Sweep:
 
     def overrides(self, method: str, cell: Assignment, tuning: Assignment, seed: int | None) -> list[str]:
         values = {**self.fixed, **self.methods[method], **dict(cell), **dict(tuning)}
-        out = [*(f"{k}={_fmt(v)}" for k, v in values.items()), *self.extra]
+        # a component's name first: setting attack.name (or algorithm.name) resets its table,
+        # so its options must come after it whatever the order in the file
+        names = [k for k in values if k.endswith(".name") and k.split(".")[0] in NAMED_SECTIONS]
+        ordered = [*names, *(k for k in values if k not in names)]
+        out = [*(f"{k}={_fmt(values[k])}" for k in ordered), *self.extra]
         return out if seed is None else [*out, f"run.seed={seed}"]
 
     def runs(self) -> list[Run]:
