@@ -173,3 +173,37 @@ def test_checkpoints_carry_a_checksum_and_keep_the_previous_one(tmp_path):
     assert checkpoint.load(tmp_path)["round"] == 1
     hist = experiment.run(config.load(None, [*over, "run.rounds=3"]), out=tmp_path, resume=True)
     assert [r["round"] for r in hist.records] == [1, 2, 3]
+
+
+def test_a_save_never_leaves_the_run_without_its_checkpoint_name(tmp_path, monkeypatch):
+    """PREV is a hard link renamed into place, so checkpoint.pt exists at every moment of a
+    save; where hard links fail (the rename fallback) an interrupted save is named, with the
+    file to rename, by `kdfl run --resume` itself (not "start again")."""
+    from kdfl import cli
+    from kdfl.simulation import checkpoint
+
+    seen = []
+    real_replace = os.replace
+
+    def watch(src, dst):  # at every rename of a save, the checkpoint's own name exists
+        seen.append((tmp_path / checkpoint.FILE).exists())
+        return real_replace(src, dst)
+
+    experiment.run(config.load(None, ["run.rounds=1", "model.arch=mlp:hidden=8"]), out=tmp_path)
+    monkeypatch.setattr(checkpoint.os, "replace", watch)
+    checkpoint.save(tmp_path, {"round": 1, "state": None, "client_states": {}, "records": []})
+    assert seen and all(seen)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+
+    # a kill between the fallback's two renames: only checkpoint.prev.pt (+ a complete .tmp)
+    good = (tmp_path / checkpoint.FILE).read_bytes()
+    os.replace(tmp_path / checkpoint.FILE, tmp_path / checkpoint.PREV)
+    (tmp_path / (checkpoint.FILE + ".tmp")).write_bytes(good)
+    args = ["run", "--out", str(tmp_path), "--resume", "--set", "run.rounds=1", "--set", "model.arch=mlp:hidden=8",
+            "--quiet"]
+    assert cli.main(args) == 2
+    with pytest.raises(KdflError, match=r"only checkpoint.prev.pt .*checkpoint.pt.tmp is complete and newer"):
+        checkpoint.load(tmp_path)
+    (tmp_path / (checkpoint.FILE + ".tmp")).write_bytes(good[:100])  # an incomplete one is not offered
+    with pytest.raises(KdflError, match=r"only checkpoint.prev.pt .*: rename checkpoint.prev.pt to checkpoint.pt"):
+        experiment.check_run_dir(tmp_path, resume=True, overwrite=False)

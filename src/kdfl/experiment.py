@@ -129,7 +129,7 @@ def _check_resume(run_dir: Path, cfg: Config) -> None:
 
 # what a run writes into its directory (and `kdfl report` beside it): replaced by overwrite=True
 RUN_FILES = ("config.toml", "partition.txt", "malicious.json", "metrics.jsonl", "summary.json", "clients.json",
-             "checkpoint.pt", "checkpoint.pt.tmp", "checkpoint.prev.pt", "summary.md", "report.md")
+             "checkpoint.pt", "checkpoint.pt.tmp", "checkpoint.prev.pt", "checkpoint.prev.pt.tmp", "summary.md", "report.md")
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -143,6 +143,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise KdflError(f"run directory {run_dir} is a file, not a directory: choose another --out")
     if resume:
+        if (run_dir / checkpoint.PREV).is_file() and not (run_dir / checkpoint.FILE).exists():
+            checkpoint.load(run_dir)  # an interrupted save: its message says which file to rename
         if not (run_dir / checkpoint.FILE).is_file():
             where = "does not exist" if not run_dir.exists() else f"has no {checkpoint.FILE}"
             raise KdflError(f"cannot resume: {run_dir} {where}. Start the run without --resume.")

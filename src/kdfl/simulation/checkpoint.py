@@ -45,7 +45,15 @@ def save(run_dir: Path, payload: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     if (run_dir / FILE).exists():
-        os.replace(run_dir / FILE, run_dir / PREV)
+        # PREV becomes a second name of the current file (a hard link, renamed into place), so
+        # FILE exists at every moment: the old checkpoint until the new one replaces it
+        link = run_dir / (PREV + ".tmp")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(run_dir / FILE, link)
+            os.replace(link, run_dir / PREV)
+        except OSError:  # no hard links on this file system: a kill right here leaves only PREV (load says so)
+            os.replace(run_dir / FILE, run_dir / PREV)
     os.replace(tmp, run_dir / FILE)
 
 
@@ -62,6 +70,17 @@ class _Hashing(io.RawIOBase):
     def write(self, b: Any) -> int:
         self.h.update(b)
         return int(self.f.write(b))
+
+
+def _complete(path: Path) -> bool:
+    """Does ``path`` hold a whole checkpoint (its checksum trailer present and matching)?"""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    body, trailer = data[:-TRAILER], data[-TRAILER:]
+    return (len(data) >= TRAILER and trailer.startswith(TAG)
+            and hashlib.sha256(body).hexdigest().encode() == trailer[len(TAG):].strip())
 
 
 def _read_verified(path: Path) -> bytes:
@@ -86,9 +105,13 @@ def load(run_dir: Path) -> dict[str, Any]:
     fallback = (f"; the previous checkpoint is {prev}: rename it to {FILE} to resume from it, or start again"
                 if prev.exists() else "; delete it and start again")
     if not path.exists():
+        tmp = run_dir / (FILE + ".tmp")
+        if _complete(tmp):
+            newest = f"; {tmp.name} is complete and newer: rename it to {FILE} to resume from it (or {PREV})"
+        else:
+            newest = f": rename {PREV} to {FILE} to resume from it"
         if prev.exists():
-            raise KdflError(f"cannot resume: no {FILE} in {run_dir}, only {PREV} (a save was interrupted): rename "
-                            f"it to {FILE} to resume from it")
+            raise KdflError(f"cannot resume: no {FILE} in {run_dir}, only {PREV} (a save was interrupted){newest}")
         raise KdflError(f"cannot resume: no {FILE} in {run_dir}. Start the run without --resume.")
     try:
         ck = torch.load(io.BytesIO(_read_verified(path)), weights_only=False)
