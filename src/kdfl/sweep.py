@@ -384,8 +384,8 @@ def run_sweep(sw: Sweep, workers: int = 1, threads: int = 1, say: Callable[[str]
     counts = {"total": len(runs), "skipped": len(runs) - len(todo), "ok": 0, "failed": 0, "busy": 0}
     sw.out.mkdir(parents=True, exist_ok=True)
     (sw.out / "sweep.toml").write_text(sw.path.read_text())  # what produced this directory
-    say(f"sweep {sw.path}: {len(runs)} runs ({len(sw.methods)} methods x {len(sw.cells())} cells x "
-        f"{len(sw.tunings())} tuning values x {len(sw.seeds)} seeds), {counts['skipped']} already finished, "
+    say(f"sweep {sw.path}: {len(runs)} runs (methods {len(sw.methods)} x cells {len(sw.cells())} x "
+        f"tuning values {len(sw.tunings())} x seeds {len(sw.seeds)}), {counts['skipped']} already finished, "
         f"{len(todo)} to run with {workers} worker(s); out {sw.out}")
     base = None if sw.base is None else str(sw.base)
     jobs = [(base, list(r.overrides), str(r.out), sw.tensorboard, threads) for r in todo]
