@@ -175,6 +175,13 @@ def local_noise(updates: Sequence[ClientUpdate], settings: PrivacySettings, seed
     return out, _diagnostics(norms, settings.clip)
 
 
+def diagnostics(norms: Sequence[float], clip: float) -> dict[str, float]:
+    """The round's ``dp_clipped_fraction`` and ``dp_upload_norm`` from the uploads' norms
+    before clipping (what :func:`local_noise` reports; a Flower server gets the norms from
+    the clients' replies)."""
+    return _diagnostics(norms, clip)
+
+
 def _diagnostics(norms: Sequence[float], clip: float) -> dict[str, float]:
     if not norms:
         return {}
@@ -223,6 +230,17 @@ class CentralDP:
 CENTRAL_OK = ("fedavg, fedprox, fedavgm, fedntd, fedssd and fml with aggregator = \"mean\"; "
               "fedema_distill with aggregator = \"mean\", class_weighting = false, space = \"logits\" or "
               "\"centered\" and clip = 0; dsfl with aggregator = \"mean\" and upload = \"probs\"")
+
+
+MEAN_AGGREGATED = CENTRAL_OK  # the (algorithm, rule) combinations whose server needs only the mean upload
+
+
+def mean_aggregation_refusal(algorithm: Any) -> str | None:
+    """Why ``algorithm``'s server needs more than the (weighted) mean of the round's
+    uploads, or None when the mean is all it uses (the combinations of
+    :data:`MEAN_AGGREGATED`). Central DP and secure aggregation
+    (:mod:`kdfl.flower.secagg`) both need the mean to be enough."""
+    return _central_refusal(algorithm)
 
 
 def _central_refusal(algorithm: Any) -> str | None:

@@ -20,6 +20,12 @@ Messages from :mod:`kdfl.flower.server_app`:
 Stateful clients keep ``ClientUpdate.client_state`` in ``context.state``. A malicious
 node (its id in the run's malicious set) poisons its labels (``label_flip``) or tampers
 with its own upload (``sign_flip``, ``scaled``, ``gaussian``); omniscient attacks are refused.
+With ``[privacy]`` mode "local" the node clips and noises its upload exactly as the
+simulator does (:func:`privatize_local`), before tampering and the codec, and reports the
+upload's norm before clipping (``dp-upload-norm`` in ``metrics``) for the round's diagnostics.
+TRAIN messages of Flower's SecAgg+ protocol (a ``secaggplus_configs`` record; server side
+``kdfl-secagg = true``) go to :func:`kdfl.flower.secagg.secagg_train`, which runs the same
+client program (:func:`client_update`) inside Flower's ``secaggplus_mod``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from kdfl import privacy as dp
 from kdfl.algorithms.program import run_client
 from kdfl.flower.federation import Prepared, config_digest, prepare_text
 from kdfl.flower.records import (
@@ -42,13 +49,15 @@ from kdfl.flower.records import (
 from kdfl.simulation.clients import evaluate_client
 from kdfl.simulation.engine import make_client
 from kdfl.transport import pack, unpack
-from kdfl.types import ClientInfo, KdflError
+from kdfl.types import ClientInfo, ClientUpdate, KdflError, Payload
 
 log = logging.getLogger(__name__)
 
 PARTITION_QUERY = "query.kdfl_partition"
 CONFIG_STATE_KEY = "kdfl.config"  # context.state: the run's config text, from the setup query
 CONFIG_TEXT, CONFIG_SHA = "kdfl-config", "kdfl-config-sha256"  # ConfigRecord keys of the messages
+SECAGG_CONFIGS = "secaggplus_configs"  # the config record of Flower's SecAgg+ messages (secaggplus_constants)
+DP_NORM_KEY = "dp-upload-norm"  # MetricRecord key: the upload's norm before clipping (privacy mode "local")
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -108,25 +117,55 @@ def run_config(conf: ConfigRecord, context: Context) -> Prepared:
     return prepare_text(str(kept[CONFIG_TEXT]))
 
 
-def train(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)  # several ClientApps share the machine's cores
-    conf = msg.content.config_records["config"]
-    p = run_config(conf, context)
+def privatize_local(p: Prepared, update: ClientUpdate, round_num: int) -> tuple[ClientUpdate, float | None]:
+    """``[privacy]`` mode "local" on this node, exactly as the simulator's transport does it
+    (:func:`kdfl.privacy.local_noise`: clipped to C, noised from (run seed, round, client),
+    weighted 1), after training and before any tampering and the codec. Returns the
+    update and its norm before clipping (None without local privacy); the server turns
+    the norms of a round into ``dp_upload_norm`` / ``dp_clipped_fraction``."""
+    s = p.engine.privacy
+    if s is None or s.mode != "local":
+        return update, None
+    (noisy,), diag = dp.local_noise([update], s, p.fed.task.seed, round_num)
+    return noisy, diag["dp_upload_norm"]
+
+
+def client_update(p: Prepared, context: Context, cid: int, round_num: int,
+                  downlink: Payload) -> tuple[ClientUpdate, float | None]:
+    """What node ``cid`` uploads in ``round_num`` for its (decoded) ``downlink``: the
+    algorithm's client program on the same Client as the simulator builds, local privacy,
+    the node's own tampering when it is malicious; the client state is kept in
+    ``context.state``. Returns the update and its norm before DP clipping (or None)."""
     pid, n = node_partition(context)
     check_partition(pid, n, p)
-    cid, round_num = int(conf["client-id"]), int(conf["round"])  # type: ignore[arg-type]
     if cid != pid:
         raise KdflError(f"the server addressed client {cid} but this node holds partition-id={pid}")
     task = p.fed.task
     stored = load_client_state(context.state.get(STATE_KEY))
     client = p.engine.client(cid, round_num, stored)  # as the simulator builds it (poisoned labels too)
-    downlink = unpack(record_to_payload(msg.content.array_records["payload"]), p.downlink_codec)
     update = run_client(p.fed.algorithm, task, downlink, client)
+    update, norm = privatize_local(p, update, round_num)
     if client.malicious and p.threat is not None:
         update = p.threat.tamper([update], [True], round_num, task)[0]  # own upload only
     if update.client_state is not None:
         context.state[STATE_KEY] = save_client_state(update.client_state)
+    return update, norm
+
+
+def train(msg: Message, context: Context) -> Message:
+    if SECAGG_CONFIGS in msg.content.config_records:  # a stage of Flower's SecAgg+ protocol
+        from kdfl.flower.secagg import secagg_train
+
+        return secagg_train(msg, context)
+    torch.set_num_threads(1)  # several ClientApps share the machine's cores
+    conf = msg.content.config_records["config"]
+    p = run_config(conf, context)
+    cid, round_num = int(conf["client-id"]), int(conf["round"])  # type: ignore[arg-type]
+    downlink = unpack(record_to_payload(msg.content.array_records["payload"]), p.downlink_codec)
+    update, norm = client_update(p, context, cid, round_num, downlink)
     metrics: dict[str, int | float] = {"num-examples": int(update.num_examples)}
+    if norm is not None:
+        metrics[DP_NORM_KEY] = norm
     metrics.update({f"m.{k}": float(v) for k, v in update.metrics.items()})
     content = RecordDict({
         "payload": payload_to_record(pack(update.payload, p.uplink_codec)),

@@ -16,6 +16,7 @@ from kdfl.attacks import ATTACKS
 from kdfl.compression import Codec
 from kdfl.config import Config
 from kdfl.experiment import Federation, build
+from kdfl.privacy import settings_of
 from kdfl.simulation.engine import Engine, RunSettings
 from kdfl.threat import Threat, make_threat
 from kdfl.transport import codec_of
@@ -98,7 +99,7 @@ class Prepared:
     cfg: Config
     text: str  # the resolved config as TOML (sent to every node once per run, in the setup query)
     fed: Federation
-    engine: Engine  # its settings, and ``client`` (the same Client as the simulator builds)
+    engine: Engine  # its settings, privacy, and ``client`` (the same Client as the simulator builds)
     threat: Threat | None
     uplink_codec: Codec | None
     downlink_codec: Codec | None
@@ -140,7 +141,7 @@ def prepare(cfg: Config) -> Prepared:
     settings = RunSettings(**{k: v for k, v in cfg["run"].items() if k in keys})
     up, down = codec_of(cfg["compression"]["uplink"]), codec_of(cfg["compression"]["downlink"])
     engine = Engine(fed.algorithm, fed.task, fed.partitions, settings, threat=threat, holdouts=fed.holdouts,
-                    uplink_codec=up, downlink_codec=down)
+                    uplink_codec=up, downlink_codec=down, privacy=settings_of(cfg.get("privacy")))
     p = Prepared(cfg, text, fed, engine, threat, up, down)
     _CACHE.clear()  # one config per process is the normal case; do not keep old data sets alive
     _CACHE[key] = p

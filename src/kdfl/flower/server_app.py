@@ -23,6 +23,16 @@ without the ``.npy`` headers; ``kdfl.wire`` counts a few header bytes more per e
 (``ArrayRecord.count_bytes``, with headers). Besides the arrays, a TRAIN message carries only a small ``ConfigRecord`` (round, client
 id, the config's SHA-256), not counted.
 
+Privacy: the ``[privacy]`` section applies as in the simulator: mode "local" on the nodes
+(:func:`kdfl.flower.client_app.privatize_local`), mode "central" in the server's round
+(:func:`server_algorithm`); ``epsilon`` is in every record and the summary has the
+simulator's ``epsilon``, ``delta``, ``privacy_mode``, ``noise_multiplier`` and ``clip``.
+
+Secure aggregation: with ``kdfl-secagg = true`` (or ``run(..., secagg=SecAggSettings())``)
+every round runs Flower's SecAgg+ instead (:func:`kdfl.flower.secagg.run_round`): the
+server sees only the mean upload, so only mean-aggregated algorithms and rules are
+accepted (:func:`kdfl.flower.secagg.check_secagg`).
+
 Faults: every ``send_and_receive`` waits at most ``kdfl-timeout-s`` seconds (default
 :data:`~kdfl.flower.federation.DEFAULT_REPLY_TIMEOUT_S`; the messages' TTL is the same);
 a node that does not answer in time, or answers with an error (its ClientApp raised, the
@@ -50,8 +60,10 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log as flog
 from flwr.serverapp import Grid, ServerApp
 
+from kdfl import privacy as dp
 from kdfl.config import Config
-from kdfl.flower.client_app import CONFIG_SHA, CONFIG_TEXT, PARTITION_QUERY
+from kdfl.flower import secagg as secagg_mod
+from kdfl.flower.client_app import CONFIG_SHA, CONFIG_TEXT, DP_NORM_KEY, PARTITION_QUERY
 from kdfl.flower.federation import (
     CONFIG_KEY,
     OUT_KEY,
@@ -65,12 +77,13 @@ from kdfl.flower.federation import (
     split_overrides,
 )
 from kdfl.flower.records import nbytes, payload_to_record, record_to_payload
+from kdfl.flower.secagg import SECAGG_KEY, SecAggSettings
 from kdfl.simulation import checkpoint
 from kdfl.simulation.engine import History
 from kdfl.simulation.rounds import Exchange, Reply, final_client_eval, summarize
 from kdfl.simulation.rounds import run_round as drive_round
 from kdfl.transport import pack, unpack
-from kdfl.types import ClientInfo, KdflError, Payload, PayloadError, ServerState
+from kdfl.types import Algorithm, ClientInfo, KdflError, Payload, PayloadError, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +177,7 @@ class FlowerTransport:
         p = self.p
         down_bytes, down_record_bytes, got = self._send(round_num, jobs, MessageType.TRAIN, round_num,
                                                         str(round_num))
-        replies, record_bytes = [], []
+        replies, record_bytes, norms = [], [], []
         for (info, _), reply in zip(jobs, got, strict=True):
             error = self._failure(reply)
             if error is not None or reply is None:
@@ -179,14 +192,19 @@ class FlowerTransport:
                 replies.append(Reply(info.id, error=f"malformed reply ({type(e).__name__}: {e})"))
                 continue
             record_bytes.append(arrays.count_bytes())
+            if DP_NORM_KEY in m:
+                norms.append(float(m[DP_NORM_KEY]))  # type: ignore[arg-type]
             received: Payload | None
             try:
                 received, reject = unpack(record_to_payload(arrays), p.uplink_codec), None
             except PayloadError as e:
                 received, reject = None, str(e)
             replies.append(Reply(info.id, num_examples, received, metrics, nbytes(arrays), reject=reject))
-        return Exchange(down_bytes, replies, {"uplink_record_bytes": int(sum(record_bytes)),
-                                              "downlink_record_bytes": int(sum(down_record_bytes))})
+        record: dict[str, Any] = {}
+        if p.engine.privacy is not None and p.engine.privacy.mode == "local":  # as the simulator's transport
+            record.update(dp.diagnostics(norms, p.engine.privacy.clip))
+        record.update(uplink_record_bytes=int(sum(record_bytes)), downlink_record_bytes=int(sum(down_record_bytes)))
+        return Exchange(down_bytes, replies, record)
 
     def evaluate(self, round_num: int, jobs: Sequence[tuple[ClientInfo, Payload]]) -> list[dict[str, float]]:
         """Per-client metrics: one EVALUATE message per client (the downlink ``configure``
@@ -215,14 +233,33 @@ def run_round(
     timeout: Any = None,
 ) -> tuple[ServerState, dict[str, Any]]:
     """One round through Flower: the simulator's round driver with :class:`FlowerTransport`
-    (``timeout``: seconds to wait for the replies; None = the default)."""
-    return drive_round(p.fed.algorithm, p.fed.task, state, round_num, p.engine.settings, p.num_clients,
+    (``timeout``: seconds to wait for the replies; None = the default). With ``[privacy]``
+    mode "central" the server clips and noises the accepted uploads exactly as the
+    simulator does (:class:`kdfl.privacy.CentralDP`); mode "local" happens on the nodes."""
+    return drive_round(server_algorithm(p), p.fed.task, state, round_num, p.engine.settings, p.num_clients,
                        FlowerTransport(grid, p, nodes, timeout))
+
+
+def server_algorithm(p: Prepared) -> Algorithm:
+    """The algorithm whose server half the round driver runs: wrapped in
+    :class:`~kdfl.privacy.CentralDP` under ``[privacy]`` mode "central" (as
+    :meth:`kdfl.simulation.engine.Engine.round` does)."""
+    s = p.engine.privacy
+    return dp.CentralDP(p.fed.algorithm, s) if s is not None and s.mode == "central" else p.fed.algorithm  # type: ignore[return-value]
+
+
+def privacy_summary(p: Prepared, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The simulator's privacy fields of ``summary.json`` (empty without ``[privacy]``)."""
+    s = p.engine.privacy
+    if s is None:
+        return {}
+    return {"epsilon": p.engine.epsilon(records), "delta": s.delta, "privacy_mode": s.mode,
+            "noise_multiplier": s.noise_multiplier, "clip": s.clip}
 
 
 def run(grid: Grid, cfg: Config, out: str | Path | None = None, wait_s: float = 120.0,
         on_round: Callable[[dict[str, Any]], None] | None = None, timeout: Any = None,
-        resume: bool = False) -> History:
+        resume: bool = False, secagg: SecAggSettings | None = None) -> History:
     """All rounds of ``cfg`` through ``grid``; writes ``out`` like ``kdfl run --out`` does.
 
     Args:
@@ -237,6 +274,9 @@ def run(grid: Grid, cfg: Config, out: str | Path | None = None, wait_s: float = 
             context), so stateless algorithms (FedAvg, FedProx, FedDF, ...) continue as a
             straight run would, while stateful clients (FedMD, FD, FedProto, local, a
             heterogeneous FedEMA-Distill, ...) start the resumed rounds from a fresh state.
+        secagg: run every round with Flower's SecAgg+ (:mod:`kdfl.flower.secagg`): the
+            server sees only the mean upload; refused, with the reason, for algorithms and
+            rules that need each upload.
     """
     from kdfl import experiment
 
@@ -244,6 +284,8 @@ def run(grid: Grid, cfg: Config, out: str | Path | None = None, wait_s: float = 
         torch.set_num_threads(cfg["run"]["threads"])
     timeout = reply_timeout(timeout)
     p = prepare(cfg)
+    if secagg is not None:
+        secagg_mod.check_secagg(p)
     run_dir = Path(out) if out else None
     hist = History()
     start = 1
@@ -274,7 +316,12 @@ def run(grid: Grid, cfg: Config, out: str | Path | None = None, wait_s: float = 
         state = p.fed.algorithm.init(p.fed.task)
     settings = p.engine.settings
     for r in range(start, settings.rounds + 1):
-        state, record = run_round(grid, p, nodes, state, r, timeout)
+        if secagg is not None:
+            state, record = secagg_mod.run_round(grid, p, nodes, state, r, timeout, secagg)
+        else:
+            state, record = run_round(grid, p, nodes, state, r, timeout)
+        if p.engine.privacy is not None:
+            record["epsilon"] = p.engine.epsilon([*hist.records, record])
         hist.records.append(record)
         flog(logging.INFO, "kdfl round %d: %s", r, _brief(record))
         if run_dir is not None:
@@ -290,6 +337,7 @@ def run(grid: Grid, cfg: Config, out: str | Path | None = None, wait_s: float = 
     hist.clients = final_client_eval(p.fed.algorithm, p.fed.task, state, hist.records, p.num_clients,
                                      FlowerTransport(grid, p, nodes, timeout))
     hist.summary = summarize(hist.records, settings.target_accuracy, hist.clients)
+    hist.summary.update(privacy_summary(p, hist.records))
     hist.summary["setup_downlink_bytes"] = setup_bytes  # the config text, once per node (this Flower run)
     if run_dir is not None:
         (run_dir / "summary.json").write_text(json.dumps(hist.summary, indent=2) + "\n")
@@ -298,7 +346,7 @@ def run(grid: Grid, cfg: Config, out: str | Path | None = None, wait_s: float = 
     return hist
 
 
-def _flag(value: Any) -> bool:
+def _flag(value: Any, key: str = RESUME_KEY) -> bool:
     """A run-config boolean (``true`` / ``false``, or the strings ``"true"`` / ``"1"`` ...)."""
     if isinstance(value, bool):
         return value
@@ -307,7 +355,7 @@ def _flag(value: Any) -> bool:
         return True
     if text in ("", "0", "false", "no", "off"):
         return False
-    raise KdflError(f"{RESUME_KEY} must be true or false, got {value!r}")
+    raise KdflError(f"{key} must be true or false, got {value!r}")
 
 
 def _brief(record: Mapping[str, Any]) -> str:
@@ -324,6 +372,7 @@ def make_server_app(
     on_finish: Callable[[History], None] | None = None,
     timeout: float | None = None,
     resume: bool | None = None,
+    secagg: SecAggSettings | bool | None = None,
 ) -> ServerApp:
     """A ServerApp for a kdfl config.
 
@@ -338,6 +387,9 @@ def make_server_app(
             from the run config (default 600).
         resume: continue the run in the run directory from its checkpoint; None reads
             ``kdfl-resume`` from the run config (default false).
+        secagg: secure aggregation with SecAgg+ (True or its settings); None reads
+            ``kdfl-secagg`` (default false) and ``kdfl-secagg-clip`` / ``-shares`` /
+            ``-threshold`` from the run config (see :mod:`kdfl.flower.secagg`).
     """
     app = ServerApp()
 
@@ -353,8 +405,10 @@ def make_server_app(
                           [b for b in (base_dir,) if b is not None])
         run_dir = out if out is not None else (str(rc.get(OUT_KEY, "")) or None)
         wait_s = float(rc.get("kdfl-wait-s", 120.0))
+        sa = secagg if secagg is not None else _flag(rc.get(SECAGG_KEY, False), SECAGG_KEY)
+        sa_settings = (sa if isinstance(sa, SecAggSettings) else SecAggSettings.from_run_config(rc)) if sa else None
         hist = run(grid, cfg, run_dir, wait_s, timeout=timeout if timeout is not None else rc.get(TIMEOUT_KEY),
-                   resume=resume if resume is not None else _flag(rc.get(RESUME_KEY, False)))
+                   resume=resume if resume is not None else _flag(rc.get(RESUME_KEY, False)), secagg=sa_settings)
         flog(logging.INFO, "kdfl summary: %s", json.dumps(hist.summary))
         if on_finish is not None:
             on_finish(hist)

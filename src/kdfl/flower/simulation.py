@@ -235,10 +235,13 @@ def simulate(
     out: str | Path | None = None,
     num_cpus: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    secagg: bool = False,
 ) -> History:
     """Run a kdfl config on Flower's simulation engine through ``flwr run`` (see the
     module docstring); returns the History, with ``state`` (read from the checkpoint the
-    ServerApp writes). ``out``: the run directory (default: a temporary one)."""
+    ServerApp writes). ``out``: the run directory (default: a temporary one). ``secagg``:
+    secure aggregation with SecAgg+ (run config ``kdfl-secagg = true``, default settings;
+    see :mod:`kdfl.flower.secagg`)."""
     from kdfl import config as config_mod
     from kdfl.flower.federation import CONFIG_KEY, OUT_KEY, load_config
 
@@ -249,7 +252,7 @@ def simulate(
         (work / "kdfl.toml").write_text(config_mod.dumps(cfg))
         output = run_flower_simulation(
             work, "kdfl.flower.server_app:app", "kdfl.flower.client_app:app",
-            {CONFIG_KEY: str(work / "kdfl.toml"), OUT_KEY: str(run_dir), "kdfl-wait-s": 120},
+            {CONFIG_KEY: str(work / "kdfl.toml"), OUT_KEY: str(run_dir), "kdfl-wait-s": 120, "kdfl-secagg": secagg},
             cfg["data"]["num_clients"], num_cpus, timeout_s, done=run_dir / "summary.json")
         if not (run_dir / "summary.json").exists():
             raise KdflError("the Flower simulation ended without a kdfl summary; the end of its log:\n" + output)
