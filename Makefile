@@ -24,6 +24,7 @@ help:
 	@echo "make bench      run the benchmarks (several minutes each)"
 	@echo "make bench-families  the logit- and kd-family tables (installs Debian's Fashion-MNIST as root)"
 	@echo "make check      ruff + mypy"
+	@echo "make fuzz       the atheris fuzz harness over decoders, configs and readers (FUZZ_TIME s per target)"
 	@echo "torch comes from TORCH_INDEX (default: PyTorch's CPU-only wheels); TORCH_INDEX=pypi for PyPI's CUDA build"
 
 # the library alone (what the demo needs: no Flower/Ray, no dev tools)
