@@ -1,6 +1,18 @@
-"""An in-process Flower Grid for tests (needs flwr)."""
+"""An in-process Flower Grid for tests (needs flwr), and :func:`single_threaded`."""
 
 from __future__ import annotations
+
+import torch
+
+
+def single_threaded(fn):
+    """``fn()`` with one torch thread, the previous number restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ClientApps train single-threaded; so does the reference
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
 
 
 class LocalGrid:

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -17,7 +16,9 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from test_flower_deployment import APP, BIN, descendants, free_port, kill_tree, wait_port  # noqa: E402
+from deploy import APP, Deployment  # noqa: E402
+
+from kdfl.flower.simulation import descendants  # noqa: E402
 
 TIMEOUT_S = 420.0
 REPLY_TIMEOUT_S = 45  # well above a live node's phase on a busy 2-core machine (10-15 s)
@@ -39,41 +40,16 @@ def app_with_fault_keys(tmp_path) -> str:
 
 @pytest.mark.slow
 def test_killed_supernode_is_a_failed_client_and_the_run_completes(tmp_path):
-    home, out = tmp_path / "flwr_home", tmp_path / "out"
-    home.mkdir()
-    link = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "kdfl-e2e"\n\n[superlink.kdfl-e2e]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               OMP_NUM_THREADS="1")
-    deadline = time.monotonic() + TIMEOUT_S
-    procs: list[subprocess.Popen] = []
-    logs = []
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        log = open(tmp_path / f"{name}.log", "w")
-        logs.append(log)
-        p = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, cwd=tmp_path, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(p)
-        return p
-
     started = time.monotonic()
-    try:
-        superlink = start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
-                          "--database", str(tmp_path / "state.db"))
-        wait_port(link, superlink, deadline)
-        nodes = [start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                       "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions=3")
-                 for i in range(3)]
-        run = start("flwr_run", "flwr", "run", app_with_fault_keys(tmp_path), "kdfl-e2e", "--stream", "--run-config",
-                    f"kdfl-out='{out}' kdfl-wait-s=120 kdfl-timeout-s={REPLY_TIMEOUT_S} kdfl-set=\"{SETS}\"")
-        metrics = out / "metrics.jsonl"
+    with Deployment(tmp_path, "kdfl-e2e", TIMEOUT_S) as d:
+        d.superlink()
+        nodes = d.supernodes(3)
+        run = d.flwr_run(app_with_fault_keys(tmp_path), "--run-config",
+                         f"kdfl-out='{d.out}' kdfl-wait-s=120 kdfl-timeout-s={REPLY_TIMEOUT_S} kdfl-set=\"{SETS}\"")
+        metrics = d.out / "metrics.jsonl"
         while not (metrics.exists() and metrics.read_text().strip()):  # round 1 is recorded
-            if run.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("round 1 did not finish:\n" + (tmp_path / "flwr_run.log").read_text()[-4000:])
+            if run.poll() is not None or time.monotonic() > d.deadline:
+                raise AssertionError("round 1 did not finish:\n" + d.log("flwr_run")[-4000:])
             time.sleep(0.5)
         victim = nodes[1]  # the machine of client 1 dies: the SuperNode and its ClientApp processes
         for pid in [victim.pid, *descendants(victim.pid)]:
@@ -82,24 +58,10 @@ def test_killed_supernode_is_a_failed_client_and_the_run_completes(tmp_path):
             except ProcessLookupError:
                 pass
         victim.wait(timeout=10)
-        while run.poll() is None and not (out / "summary.json").exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the Flower run did not finish within {TIMEOUT_S:.0f} s")
-            time.sleep(0.5)
-        if not (out / "summary.json").exists():
-            raise AssertionError(f"flwr run exited with {run.returncode} before the ServerApp wrote its summary:\n"
-                                 + (tmp_path / "flwr_run.log").read_text()[-4000:])
-    except BaseException:
-        for f in ("flwr_run", "superlink", "supernode0"):
-            sys.stderr.write(f"--- {f}.log ---\n" + (tmp_path / f"{f}.log").read_text()[-3000:] + "\n")
-        raise
-    finally:
-        for p in reversed(procs):
-            kill_tree(p)
-        for log in logs:
-            log.close()
+        d.wait_summary(run)
     sys.stderr.write(f"killed-SuperNode run took {time.monotonic() - started:.0f} s\n")
 
+    out = d.out
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in records] == [1, 2]

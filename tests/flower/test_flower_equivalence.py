@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flower_grid import LocalGrid  # noqa: E402
+from flower_grid import LocalGrid, single_threaded  # noqa: E402
 
 from kdfl import experiment  # noqa: E402
 from kdfl.flower import load_config, simulate  # noqa: E402
@@ -35,15 +35,6 @@ def test_missing_config_file_is_a_clear_error():
         load_config("no/such/config.toml")
 
 
-def _single_threaded(fn):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ClientApps train single-threaded; so does the reference
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _sets(algorithm):
     return ["run.rounds=1"] + (["algorithm.name=fedavg", "compression.uplink='fp32'"] if algorithm == "fedavg" else [])
 
@@ -58,8 +49,8 @@ def test_one_flower_round_equals_one_simulator_round(algorithm, monkeypatch):
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Flower's processes set
         monkeypatch.setattr(TaskIdentity, attr, value)
     cfg = load_config(CONFIG, _sets(algorithm))
-    ref = _single_threaded(lambda: experiment.run(cfg))
-    flower = _single_threaded(lambda: server_app.run(LocalGrid(make_client_app(), cfg["data"]["num_clients"]), cfg))
+    ref = single_threaded(lambda: experiment.run(cfg))
+    flower = single_threaded(lambda: server_app.run(LocalGrid(make_client_app(), cfg["data"]["num_clients"]), cfg))
     _assert_same_round(ref, flower)
 
 
@@ -75,8 +66,8 @@ def test_algorithm_per_client_metrics_come_back_from_flower_nodes(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
     cfg = load_config(CONFIG, ["run.rounds=2", "algorithm.name=fedproto", "compression.uplink='fp32'",
                                "data.client_holdout=0.2", "model.arch='mlp:hidden=32'"])
-    ref = _single_threaded(lambda: experiment.run(cfg))
-    flower = _single_threaded(lambda: server_app.run(LocalGrid(make_client_app(), cfg["data"]["num_clients"]), cfg))
+    ref = single_threaded(lambda: experiment.run(cfg))
+    flower = single_threaded(lambda: server_app.run(LocalGrid(make_client_app(), cfg["data"]["num_clients"]), cfg))
     assert len(ref.clients["client_eval"]["proto_accuracy"]) == 3
     assert flower.clients == ref.clients
     for key in ("client_proto_accuracy_mean", "client_test_proto_accuracy_worst10", "client_accuracy_mean"):
@@ -89,8 +80,8 @@ def test_one_round_on_flower_simulation_engine_equals_simulator(algorithm):
     """The same through Flower's Ray-based simulation engine (slow: Ray start-up; on a
     busy 2-core machine Ray's start-up waits and shutdown hangs were seen, so not default)."""
     cfg = load_config(CONFIG, _sets(algorithm))
-    ref = _single_threaded(lambda: experiment.run(cfg))
-    flower = _single_threaded(lambda: simulate(cfg, num_cpus=2))
+    ref = single_threaded(lambda: experiment.run(cfg))
+    flower = single_threaded(lambda: simulate(cfg, num_cpus=2))
     _assert_same_round(ref, flower)
 
 
@@ -145,10 +136,10 @@ def test_simulate_clients_equals_sequential_and_times_every_round():
     task, clients = make_task(["mlp:hidden=16"], SIZES[:5])
     alg = FedAvg(local=LOCAL)
     jobs = jobs_of(alg, task, clients)
-    run = _single_threaded(lambda: simulate_clients(alg, task, jobs, rounds=2, num_cpus=2))
+    run = single_threaded(lambda: simulate_clients(alg, task, jobs, rounds=2, num_cpus=2))
     assert len(run.round_s) == 2 and all(t > 0 for t in run.round_s)
     assert 0 <= run.startup_s < run.total_s and sum(run.round_s) < run.total_s
-    for ref, got in zip(_single_threaded(lambda: Sequential().run(alg, task, jobs)), run.updates, strict=True):
+    for ref, got in zip(single_threaded(lambda: Sequential().run(alg, task, jobs)), run.updates, strict=True):
         assert got.client_id == ref.client_id and got.num_examples == ref.num_examples
         assert ref.payload.keys() == got.payload.keys()
         assert all(torch.equal(ref.payload[k], got.payload[k]) for k in ref.payload)

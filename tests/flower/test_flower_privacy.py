@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("flwr")
 pytest.importorskip("dp_accounting")
 
-from flower_grid import LocalGrid  # noqa: E402
+from flower_grid import LocalGrid, single_threaded  # noqa: E402
 
 from kdfl import experiment  # noqa: E402
 from kdfl.flower import load_config  # noqa: E402
@@ -21,15 +21,6 @@ CONFIG = Path(__file__).resolve().parents[2] / "examples" / "flower_app" / "fede
 RUNTIME_KEYS = {"wall_seconds", "uplink_bytes", "downlink_bytes", "uplink_bytes_per_client",
                 "downlink_bytes_per_client", "uplink_record_bytes", "downlink_record_bytes"}
 PRIVACY_KEYS = ("epsilon", "delta", "privacy_mode", "noise_multiplier", "clip")
-
-
-def _single_threaded(fn):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ClientApps train single-threaded; so does the reference
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("sets", [
@@ -47,8 +38,8 @@ def test_flower_run_under_dp_equals_simulator(sets, monkeypatch):
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Flower's processes set
         monkeypatch.setattr(TaskIdentity, attr, value)
     cfg = load_config(CONFIG, ["run.rounds=2", *sets])
-    ref = _single_threaded(lambda: experiment.run(cfg))
-    flower = _single_threaded(lambda: server_app.run(LocalGrid(make_client_app(), cfg["data"]["num_clients"]), cfg))
+    ref = single_threaded(lambda: experiment.run(cfg))
+    flower = single_threaded(lambda: server_app.run(LocalGrid(make_client_app(), cfg["data"]["num_clients"]), cfg))
     for key, value in ref.state.params.items():  # bit-identical: same seeds and noise, same order, same maths
         torch.testing.assert_close(flower.state.params[key], value, rtol=0, atol=0)
     assert len(ref.records) == len(flower.records) == 2

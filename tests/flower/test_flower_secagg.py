@@ -200,63 +200,24 @@ def test_secagg_on_superlink_and_three_supernodes(tmp_path):
     lives in the node's context between stages), ``flwr run`` of a generated app with
     ``kdfl-secagg = true``, two rounds of FedAvg (slow: ~10 s per message phase here)."""
     import json
-    import os
-    import subprocess
-    import sys
-    import time
 
-    from test_flower_deployment import BIN, descendants, free_port, kill_tree, wait_port
+    from deploy import Deployment
 
     from kdfl import config as config_mod
-    from kdfl.flower.simulation import write_app
+    from kdfl.flower.simulation import descendants, write_app
 
     cfg = load_config(CONFIG, ["run.rounds=2", *FEDAVG])
     ref = experiment.run(cfg)
     (tmp_path / "kdfl.toml").write_text(config_mod.dumps(cfg))
-    out, home = tmp_path / "out", tmp_path / "flwr_home"
-    home.mkdir()
-    app = write_app(tmp_path / "app", "kdfl.flower.server_app:app", "kdfl.flower.client_app:app",
-                    {"kdfl-config": str(tmp_path / "kdfl.toml"), "kdfl-out": str(out), "kdfl-wait-s": 120,
-                     "kdfl-secagg": True})
-    link = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "kdfl-sa"\n\n[superlink.kdfl-sa]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               OMP_NUM_THREADS="1")
-    deadline = time.monotonic() + 480
-    procs, logs = [], []
-
-    def start(name, *args):
-        log = open(tmp_path / f"{name}.log", "w")
-        logs.append(log)
-        p = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, cwd=tmp_path, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(p)
-        return p
-
-    try:
-        superlink = start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
-                          "--database", str(tmp_path / "state.db"))
-        wait_port(link, superlink, deadline)
-        for i in range(3):
-            start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                  "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions=3")
-        run = start("flwr_run", "flwr", "run", str(app), "kdfl-sa", "--stream")
-        while run.poll() is None and not (out / "summary.json").exists():
-            assert time.monotonic() < deadline, "the Flower run did not finish in time"
-            time.sleep(0.5)
-        assert (out / "summary.json").exists(), (tmp_path / "flwr_run.log").read_text()[-4000:]
-    except BaseException:
-        for f in ("flwr_run", "superlink", "supernode0"):
-            sys.stderr.write(f"--- {f}.log ---\n" + (tmp_path / f"{f}.log").read_text()[-3000:] + "\n")
-        raise
-    finally:
-        for p in reversed(procs):
-            kill_tree(p)
-        for log in logs:
-            log.close()
-    assert not any(descendants(p.pid) for p in procs)
+    with Deployment(tmp_path, "kdfl-sa", 480) as d:
+        app = write_app(tmp_path / "app", "kdfl.flower.server_app:app", "kdfl.flower.client_app:app",
+                        {"kdfl-config": str(tmp_path / "kdfl.toml"), "kdfl-out": str(d.out), "kdfl-wait-s": 120,
+                         "kdfl-secagg": True})
+        d.superlink()
+        d.supernodes(3)
+        d.wait_summary(d.flwr_run(app))
+    assert not any(descendants(p.pid) for p in d.processes.procs)
+    out = d.out
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["secure_aggregation"], r["failed"]) for r in records] == [
         (1, "secagg+", []), (2, "secagg+", [])]

@@ -5,16 +5,13 @@ The test makes a CA, a server certificate for 127.0.0.1 and SuperNode key pairs 
 two SuperNodes' public keys (``flwr supernode register``), starts them with
 ``--root-certificates`` and their private keys, runs one round of a two-client kdfl
 federation and checks that a SuperNode whose key was not registered is turned away.
-Every process started here is stopped by process id in a ``finally``."""
+Every process started here is stopped by process id (tests/flower/deploy.py)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import pytest
 pytest.importorskip("flwr")
 crypto = pytest.importorskip("cryptography")
 
-from test_flower_deployment import APP, BIN, free_port, kill_tree, wait_port  # noqa: E402
+from deploy import APP, LOGS, Deployment  # noqa: E402
 
 TIMEOUT_S = 240.0
 SETS = "run.rounds=1; data.num_clients=2; attack.name='none'; attack.fraction=0.0; local.epochs=1"
@@ -79,74 +76,28 @@ def make_node_key(d: Path, name: str) -> tuple[Path, Path]:
 
 
 def test_tls_and_supernode_authentication_on_loopback(tmp_path):
-    home, out, certs = tmp_path / "flwr_home", tmp_path / "out", tmp_path / "certs"
-    home.mkdir()
+    certs = tmp_path / "certs"
     certs.mkdir()
     ca, cert, key = make_certs(certs)
     node_keys = [make_node_key(certs, f"node{i}") for i in range(2)]
     intruder_key, _ = make_node_key(certs, "intruder")  # never registered
-    link = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "kdfl-tls"\n\n[superlink.kdfl-tls]\naddress = "127.0.0.1:{link}"\n'
-        f'root-certificates = "{ca}"\n'
-    )
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               OMP_NUM_THREADS="1")
-    deadline = time.monotonic() + TIMEOUT_S
-    procs: list[subprocess.Popen] = []
-    logs = []
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        log = open(tmp_path / f"{name}.log", "w")
-        logs.append(log)
-        p = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, cwd=tmp_path, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(p)
-        return p
-
-    def supernode(name: str, private_key: Path, pid: int) -> subprocess.Popen:
-        return start(name, "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--root-certificates", str(ca),
-                     "--auth-supernode-private-key", str(private_key), "--port", str(free_port()),
-                     "--node-config", f"partition-id={pid} num-partitions=2")
-
-    try:
-        superlink = start("superlink", "flower-superlink", "--host", "127.0.0.1", "--port", str(link),
-                          "--database", str(tmp_path / "state.db"), "--ssl-ca-certfile", str(ca),
-                          "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--enable-supernode-auth")
-        wait_port(link, superlink, deadline)
+    with Deployment(tmp_path, "kdfl-tls", TIMEOUT_S, root_certificates=ca, logs=(*LOGS, "intruder")) as d:
+        d.superlink("--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+                    "--enable-supernode-auth")
         for i, (_, pub) in enumerate(node_keys):  # over TLS: the CLI verifies the server against the CA
-            reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(pub), "kdfl-tls"], env=env,
-                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            reg = d.flwr("supernode", "register", str(pub), "kdfl-tls")
             assert reg.returncode == 0, f"registering node {i} failed:\n{reg.stdout}\n{reg.stderr}"
-        supernode("intruder", intruder_key, 1)
+        d.supernode("intruder", 1, 2, "--auth-supernode-private-key", str(intruder_key))
         for i, (priv, _) in enumerate(node_keys):
-            supernode(f"supernode{i}", priv, i)
-        run = start("flwr_run", "flwr", "run", str(APP), "kdfl-tls", "--stream",
-                    "--run-config", f"kdfl-out='{out}' kdfl-wait-s=120 kdfl-set=\"{SETS}\"")
-        while run.poll() is None and not (out / "summary.json").exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the Flower run did not finish within {TIMEOUT_S:.0f} s")
-            time.sleep(0.5)
-        if not (out / "summary.json").exists():
-            raise AssertionError(f"flwr run exited with {run.returncode} before the ServerApp wrote its summary:\n"
-                                 + (tmp_path / "flwr_run.log").read_text()[-4000:])
+            d.supernode(f"supernode{i}", i, 2, "--auth-supernode-private-key", str(priv))
+        d.wait_summary(d.flwr_run(APP, "--run-config", f"kdfl-out='{d.out}' kdfl-wait-s=120 kdfl-set=\"{SETS}\""))
         refused = "Failed to activate SuperNode"  # the SuperLink's answer (ApiError 2004, HTTP 412)
-        while refused not in (tmp_path / "intruder.log").read_text() and time.monotonic() < deadline:
+        while refused not in d.log("intruder") and time.monotonic() < d.deadline:
             time.sleep(0.5)
-        intruder_log = (tmp_path / "intruder.log").read_text()
-        superlink_log = (tmp_path / "superlink.log").read_text()
-    except BaseException:
-        for f in ("flwr_run", "superlink", "supernode0", "intruder"):
-            if (tmp_path / f"{f}.log").exists():
-                sys.stderr.write(f"--- {f}.log ---\n" + (tmp_path / f"{f}.log").read_text()[-3000:] + "\n")
-        raise
-    finally:
-        for p in reversed(procs):
-            kill_tree(p)
-        for log in logs:
-            log.close()
+        intruder_log = d.log("intruder")
+        superlink_log = d.log("superlink")
 
+    out = d.out
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1] and records[0]["failed"] == [] and records[0]["clients"] == [0, 1]
     assert json.loads((out / "summary.json").read_text())["final_accuracy"] > 0.1

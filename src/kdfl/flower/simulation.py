@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kdfl.simulation.engine import History
 from kdfl.types import Algorithm, ClientUpdate, KdflError, Payload, Task
@@ -47,27 +47,28 @@ def backend_config(num_cpus: int | None = None) -> dict[str, Any]:
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Live descendants of ``pid`` (``pgrep -P``, recursively; empty without pgrep)."""
     try:
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     kids = [int(x) for x in out.split()]
-    return kids + [d for k in kids for d in _descendants(k)]
+    return kids + [d for k in kids for d in descendants(k)]
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_tree(proc: subprocess.Popen[bytes]) -> None:
     """Stop ``proc`` and every process it started, by process id (SIGTERM, then SIGKILL):
     its descendants, and its process group (``proc`` was started in a session of its own,
     so the group holds only processes it started)."""
-    pids = _descendants(proc.pid) + [proc.pid]
+    pids = descendants(proc.pid) + [proc.pid]
     for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         for pid in pids:
             try:
@@ -82,12 +83,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-        pids = [p for p in pids if _alive(p)]
+        pids = [p for p in pids if alive(p)]
         if not pids:
             return
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
@@ -97,6 +98,79 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def write_flower_home(home: Path, federation: str, port: int, root_certificates: Path | None = None) -> Path:
+    """``home/config.toml`` (the ``FLWR_HOME`` of ``flwr``) with one SuperLink connection,
+    ``federation``, to 127.0.0.1:``port``: insecure, or TLS verified against ``root_certificates``."""
+    home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{federation}"\n\n[superlink.{federation}]\n'
+                                      f'address = "127.0.0.1:{port}"\n{security}\n')
+    return home
+
+
+def flower_env(home: Path, bin_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of Flower's processes: this one, with ``FLWR_HOME=home``, no update
+    check, no dependency installation, ``bin_dir`` first on ``PATH``, and ``extra``."""
+    return dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1",
+                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **extra)
+
+
+class Processes:
+    """Processes started from ``bin_dir``, each in a session of its own, in ``workdir``,
+    with its output in ``workdir/NAME.log``. :meth:`close` (or the end of a ``with``
+    block) stops every one of them and all they started, by process id (last started
+    first), and closes the logs."""
+
+    def __init__(self, workdir: Path, env: Mapping[str, str], bin_dir: Path | None = None) -> None:
+        self.workdir, self.env = workdir, dict(env)
+        self.bin_dir = bin_dir or Path(sys.executable).parent
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.named: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start ``bin_dir/args[0] args[1:]``; its output goes to ``NAME.log``."""
+        f = open(self.workdir / f"{name}.log", "wb")
+        self._logs.append(f)
+        proc = subprocess.Popen([str(self.bin_dir / args[0]), *args[1:]], env=self.env, cwd=self.workdir,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        self.named[name] = proc
+        return proc
+
+    def tail(self, name: str, chars: int = 3000) -> str:
+        """The last ``chars`` characters of ``NAME.log`` ("" when there is none)."""
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def wait_listening(self, name: str, port: int, deadline: float, what: str | None = None) -> None:
+        """Wait until something listens on 127.0.0.1:``port``; KdflError if the process
+        started as ``name`` (``what``, in messages) exits first, or at ``deadline`` (monotonic)."""
+        proc, what = self.named[name], what or name
+        while True:
+            if proc.poll() is not None:
+                raise KdflError(f"{what} exited with {proc.returncode}:\n{self.tail(name)}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            if time.monotonic() > deadline:
+                raise KdflError(f"{what} did not listen on 127.0.0.1:{port} in time")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            stop_tree(proc)
+        for f in self._logs:
+            f.close()
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _toml(value: Any) -> str:
@@ -153,14 +227,10 @@ def run_flower_simulation(
     this returns. ``done``: a file whose appearance means the ServerApp finished (then
     this does not wait for ``flwr run``'s own exit any longer than 30 s)."""
     bin_dir = Path(sys.executable).parent
-    home = workdir / "flwr_home"
-    home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "kdfl-sim"\n\n[superlink.kdfl-sim]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    port = free_port()
+    home = write_flower_home(workdir / "flwr_home", "kdfl-sim", port)
     app = write_app(workdir / "app", serverapp, clientapp, app_config)
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env = flower_env(home, bin_dir)
     # Ray waits up to 60 s for its API server even without the dashboard; nothing here needs it
     env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "10")
     backend = backend_config(num_cpus)
@@ -168,34 +238,12 @@ def run_flower_simulation(
                   f"client-resources-num-cpus={backend['client_resources']['num_cpus']} "
                   f"init-args-num-cpus={backend['init_args']['num_cpus']}")
     deadline = time.monotonic() + timeout_s
-    procs: list[subprocess.Popen[bytes]] = []
-    logs = []
-
-    def start(name: str, *args: str) -> subprocess.Popen[bytes]:
-        f = open(workdir / f"{name}.log", "wb")
-        logs.append(f)
-        proc = subprocess.Popen([str(bin_dir / args[0]), *args[1:]], env=env, cwd=workdir, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    def tail(name: str) -> str:
-        path = workdir / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-    try:
-        link = start("superlink", "flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
-                     "--port", str(port), "--database", str(workdir / "state.db"))
-        while True:
-            if link.poll() is not None:
-                raise KdflError(f"flower-superlink --simulation exited with {link.returncode}:\n{tail('superlink')}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise KdflError(f"flower-superlink did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s")
-            time.sleep(0.2)
-        run = start("flwr_run", "flwr", "run", str(app), "kdfl-sim", "--stream", "--federation-config", federation)
+    with Processes(workdir, env, bin_dir) as procs:
+        procs.start("superlink", "flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
+                    "--port", str(port), "--database", str(workdir / "state.db"))
+        procs.wait_listening("superlink", port, deadline, "flower-superlink --simulation")
+        run = procs.start("flwr_run", "flwr", "run", str(app), "kdfl-sim", "--stream",
+                          "--federation-config", federation)
         finished_at = None
         while run.poll() is None:
             if done is not None and done.exists():
@@ -204,14 +252,9 @@ def run_flower_simulation(
                     break  # the ServerApp is done; do not wait on log streaming
             if time.monotonic() > deadline:
                 raise KdflError(f"the Flower simulation did not finish within {timeout_s:.0f} s; last output of "
-                                f"flwr run:\n{tail('flwr_run')}")
+                                f"flwr run:\n{procs.tail('flwr_run')}")
             time.sleep(0.5)
-        return tail("flwr_run")
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
-        for f in logs:
-            f.close()
+        return procs.tail("flwr_run")
 
 
 def read_history(run_dir: Path) -> History:
