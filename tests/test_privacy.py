@@ -296,3 +296,14 @@ def test_central_refuses_a_subclass_that_changes_the_aggregation():
     with pytest.raises(KdflError, match="Mine overrides server_update"):
         privacy.check_combination(Mine(), PrivacySettings(mode="central", noise_multiplier=1.0))
     privacy.check_combination(Mine(), PrivacySettings(mode="local", noise_multiplier=1.0))  # local: fine
+
+
+def test_cli_prints_epsilon(tmp_path, capsys):
+    from kdfl import cli
+
+    args = ["run", str(ROOT / "configs" / "quickstart.toml"), "--set", "privacy.noise_multiplier=1.0", "--set",
+            "run.rounds=1", "--out", str(tmp_path / "r"), "--quiet"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    eps = json.loads((tmp_path / "r" / "summary.json").read_text())["epsilon"]
+    assert f"differential privacy (local, noise multiplier 1.0, clip 1.0): epsilon {eps:.3g} at delta 1e-05" in out

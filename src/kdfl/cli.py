@@ -64,6 +64,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif s.get("client_test_accuracy_mean") is not None:
         print(f"client models on the test set: mean {s['client_test_accuracy_mean']:.4f}, worst 10 % "
               f"{s['client_test_accuracy_worst10']:.4f} (set data.client_holdout > 0 for held-out accuracy)")
+    if s.get("epsilon") is not None:
+        print(f"differential privacy ({s['privacy_mode']}, noise multiplier {s['noise_multiplier']}, clip {s['clip']}): "
+              f"epsilon {s['epsilon']:.3g} at delta {s['delta']:g}")
     if s["target_accuracy"] is not None and s["final_accuracy"] is not None:
         print(f"rounds to target accuracy {s['target_accuracy']}: {s['rounds_to_target'] or 'not reached'}")
     if out is not None:
