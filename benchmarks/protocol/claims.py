@@ -181,7 +181,7 @@ def main(names: list[str]) -> None:
         if tuning:
             text += ["", "## Tuning", "", tuning]
         chosen, _ = sweep.select(sw, results)
-        edges = sorted({f"{m} ({sweep._label(c)}): {k} = {v}" for (m, c), t in chosen.items() for k, v in t
+        edges = sorted({f"{m} ({sweep.label(c)}): {k} = {v}" for (m, c), t in chosen.items() for k, v in t
                         if len(sw.tune_grid[k]) > 1 and v in (min(sw.tune_grid[k]), max(sw.tune_grid[k]))})
         if edges:
             text += ["", f"Selected at an edge of the tuning grid ({len(edges)} of {len(chosen)}; a wider grid may "

@@ -227,24 +227,15 @@ class CentralDP:
 
 
 # -- which (algorithm, rule, mode) combinations are accounted ------------------------------
-CENTRAL_OK = ("fedavg, fedprox, fedavgm, fedntd, fedssd and fml with aggregator = \"mean\"; "
-              "fedema_distill with aggregator = \"mean\", class_weighting = false, space = \"logits\" or "
-              "\"centered\" and clip = 0; dsfl with aggregator = \"mean\" and upload = \"probs\"")
-
-
-MEAN_AGGREGATED = CENTRAL_OK  # the (algorithm, rule) combinations whose server needs only the mean upload
+MEAN_AGGREGATED = ("fedavg, fedprox, fedavgm, fedntd, fedssd and fml with aggregator = \"mean\"; "
+                   "fedema_distill with aggregator = \"mean\", class_weighting = false, space = \"logits\" or "
+                   "\"centered\" and clip = 0; dsfl with aggregator = \"mean\" and upload = \"probs\"")
 
 
 def mean_aggregation_refusal(algorithm: Any) -> str | None:
     """Why ``algorithm``'s server needs more than the (weighted) mean of the round's
-    uploads, or None when the mean is all it uses (the combinations of
-    :data:`MEAN_AGGREGATED`). Central DP and secure aggregation
-    (:mod:`kdfl.flower.secagg`) both need the mean to be enough."""
-    return _central_refusal(algorithm)
-
-
-def _central_refusal(algorithm: Any) -> str | None:
-    """Why central noise on the mean does not cover ``algorithm``'s aggregation, or None."""
+    uploads, or None when the mean is all it uses (:data:`MEAN_AGGREGATED`). Central DP
+    and secure aggregation (:mod:`kdfl.flower.secagg`) both need the mean to be enough."""
     from kdfl.algorithms.dsfl import DSFL
     from kdfl.algorithms.fedavg import FedAvg
     from kdfl.algorithms.fedema_distill import FedEMADistill
@@ -295,11 +286,11 @@ def check_combination(algorithm: Any, settings: PrivacySettings | None) -> None:
     name = type(algorithm).__name__
     require_accounting()
     if settings.mode == "central":
-        why = _central_refusal(algorithm)
+        why = mean_aggregation_refusal(algorithm)
         if why is not None:
             raise KdflError(
                 f"privacy.mode = \"central\" is not accounted for {name}: {why}. Central noise on the mean is "
-                f"accounted for {CENTRAL_OK}. Use privacy.mode = \"local\" (any algorithm and rule) instead."
+                f"accounted for {MEAN_AGGREGATED}. Use privacy.mode = \"local\" (any algorithm and rule) instead."
             )
     if settings.mode == "local" and isinstance(algorithm, DSFL) and algorithm.upload == "probs":
         raise KdflError(f"privacy.mode = \"local\" with {name} upload = \"probs\": noisy soft labels leave the "

@@ -116,7 +116,8 @@ def _slug(a: Assignment) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+-]", "-", text)[:120]
 
 
-def _label(a: Assignment) -> str:
+def label(a: Assignment) -> str:
+    """``key=value, ...`` of an assignment (\"-\" when empty)."""
     return ", ".join(f"{k}={v}" for k, v in a) or "-"
 
 
@@ -133,9 +134,9 @@ class Run:
 
     @property
     def name(self) -> str:
-        parts = [self.method, _label(self.cell)]
+        parts = [self.method, label(self.cell)]
         if self.tuning:
-            parts.append(_label(self.tuning))
+            parts.append(label(self.tuning))
         return " | ".join(parts) + f" | seed {self.seed}"
 
 
@@ -271,7 +272,7 @@ def load(path: str | Path, extra: Sequence[str] = (), out: str | Path | None = N
                 try:
                     cfg = config.load(base, sw.overrides(method, cell, tuning, None))
                 except KdflError as e:
-                    where = " | ".join(x for x in (method, _label(cell), _label(tuning)) if x != "-")
+                    where = " | ".join(x for x in (method, label(cell), label(tuning)) if x != "-")
                     raise KdflError(f"sweep {p}, run {where}: {e}") from None
                 if tune_grid and metric.startswith("val_") and not cfg["data"]["val_size"]:
                     raise KdflError(f"sweep {p}: tune.metric = {metric!r} needs a server validation slice: "
@@ -524,7 +525,7 @@ def select(sw: Sweep, results: list[RunResult]) -> tuple[dict[tuple[str, Assignm
             if best is not None:
                 chosen[(method, cell)] = best
             for tuning, rs, vals, _m, n in rows:
-                lines.append(f"| {method} | {_label(cell)} | {' | '.join(str(v) for _, v in tuning)} | {n} | "
+                lines.append(f"| {method} | {label(cell)} | {' | '.join(str(v) for _, v in tuning)} | {n} | "
                              f"{_pm(vals)} | {_pm([r.summary.get('final_accuracy') for r in rs])} | "
                              f"{'**yes**' if tuning == best else ''} |")
     return chosen, "\n".join(lines) + "\n"
@@ -613,15 +614,15 @@ def plot(sw: Sweep, results: list[RunResult], chosen: dict[tuple[str, Assignment
             rounds = [c[0] for c in curves[0][:n]]
             acc = np.array([[p[2] for p in c[:n]] for c in curves])
             mb = np.array([[p[1] for p in c[:n]] for c in curves]).mean(0)
-            label = method + (f" ({_label(tuning)})" if tuning else "") + f", {len(curves)} seeds"
-            (line,) = ax1.plot(rounds, acc.mean(0), label=label)
+            legend = method + (f" ({label(tuning)})" if tuning else "") + f", {len(curves)} seeds"
+            (line,) = ax1.plot(rounds, acc.mean(0), label=legend)
             ax1.fill_between(rounds, acc.min(0), acc.max(0), alpha=0.2, color=line.get_color())
-            ax2.plot(mb, acc.mean(0), color=line.get_color(), label=label)
+            ax2.plot(mb, acc.mean(0), color=line.get_color(), label=legend)
             drawn = True
         if not drawn:
             plt.close(fig)
             continue
-        ax1.set(xlabel="round", ylabel="test accuracy", title=f"Accuracy vs round: {_label(cell)}")
+        ax1.set(xlabel="round", ylabel="test accuracy", title=f"Accuracy vs round: {label(cell)}")
         ax2.set(xlabel="cumulative uplink MB (all clients)", ylabel="test accuracy", title="Accuracy vs uplink")
         ax2.set_xscale("symlog", linthresh=0.01)
         for ax in (ax1, ax2):
