@@ -178,6 +178,7 @@ def main() -> None:
     ])
     if any(math.isnan(r["summary"]["final_accuracy"] or math.nan) for r in results):
         text += "\nSome runs ended with a NaN accuracy (no accepted update or a diverged model).\n"
+    text += common.failed_note()
     md = out_dir / f"{stem}.md"
     md.write_text(text)
     print("\n" + text)

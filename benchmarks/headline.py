@@ -69,9 +69,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for d in datasets:
         rows = {m: [r for r in results if r["data"] == d and r["method"] == m] for m in methods}
-        base = rows.get("FedAvg") or next(iter(rows.values()))
+        base = rows.get("FedAvg") or next((rs for rs in rows.values() if rs), [])
+        if not base:  # every run failed (the note above lists them)
+            print(f"| {d} | no finished run | | | | | | |")
+            continue
         target = 0.95 * statistics.mean(r["summary"]["final_accuracy"] for r in base)
         for m, rs in rows.items():
+            if not rs:
+                print(f"| {d} | {m} | no finished run | | | | | |")
+                continue
             reached = [first_round_reaching(r["curve"], target) for r in rs]
             rtt = ", ".join(str(x) if x is not None else f">{a.rounds}" for x in reached)
             s = [r["summary"] for r in rs]

@@ -180,25 +180,15 @@ def usable(key: str, overrides: list[str]) -> str | None:
     return None
 
 
-def run_with_bytes(job: common.Job) -> dict[str, Any]:
-    """``common._run``'s result plus ``bytes_curve``: (round, uplink bytes, downlink bytes)
+def read_with_bytes(job: common.Job, out: Path) -> dict[str, Any]:
+    """``common.read_result`` plus ``bytes_curve``: (round, uplink bytes, downlink bytes)
     of every round, all clients together (FedKD's compressed uplink changes from round to
-    round, so the bytes until a target need each round's). Runs in a worker process."""
-    from kdfl import experiment
+    round, so the bytes until a target need each round's), from the run's metrics.jsonl."""
+    from kdfl.report import read_run
 
-    real, seen = experiment.run, []
-
-    def capture(*args: Any, **kwargs: Any) -> Any:
-        hist = real(*args, **kwargs)
-        seen.append(hist)
-        return hist
-
-    experiment.run = capture
-    try:
-        res = common._run(job)
-    finally:
-        experiment.run = real
-    res["bytes_curve"] = [(r["round"], r["uplink_bytes"], r["downlink_bytes"]) for r in seen[0].records]
+    res = common.read_result(job, out)
+    records, _ = read_run(out)
+    res["bytes_curve"] = [(r["round"], r["uplink_bytes"], r["downlink_bytes"]) for r in records]
     return res
 
 
@@ -476,7 +466,7 @@ def main() -> None:
                                   *overrides_for(k, dataset)]))
         out_dir.mkdir(parents=True, exist_ok=True)
         log = out_dir / f"{stem}_{dataset}.jsonl"
-        results = run_jobs(jobs, a.workers, log, runner=run_with_bytes)
+        results = run_jobs(jobs, a.workers, log, reader=read_with_bytes)
         labels = [METHODS[k][0] for k in METHODS if k in keys and k not in skipped]
         if not extra:  # the report adds the other methods already run with these settings (--methods adds rows)
             results, labels = everything_run(log, results, alphas, seeds)
@@ -487,6 +477,8 @@ def main() -> None:
                       quick=a.quick)
         if skipped:
             text += "\n" + "\n".join(f"- not run: {METHODS[k][0]} ({why})" for k, why in skipped.items()) + "\n"
+        text += common.failed_note()
+        common.FAILED.clear()
         md = out_dir / f"{stem}_{dataset}.md"
         md.write_text(text)
         print("\n" + text)

@@ -64,8 +64,9 @@ def main() -> None:
     print(f"# {len(jobs)} runs: {command_line()}", flush=True)
     results = run_jobs(jobs, a.workers, a.log)
 
-    def cell(m: str, atk: str, key: str) -> float:
-        return statistics.mean(r["summary"][key] for r in results if r["method"] == m and r["data"] == atk)
+    def cell(m: str, atk: str, key: str) -> float:  # NaN when every run of the cell failed (see the note above)
+        vals = [r["summary"][key] for r in results if r["method"] == m and r["data"] == atk]
+        return statistics.mean(vals) if vals else float("nan")
 
     print(f"\nCommand: `{command_line()}`\n")
     print(f"{a.dataset}, Dirichlet 0.1, 20 clients, {int(round(a.fraction * 20))} malicious, {a.rounds} rounds, "

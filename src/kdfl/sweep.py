@@ -39,6 +39,9 @@ Each run is an ordinary run directory under ``OUT/runs/<method>/<cell>/<tuning>/
 written) is skipped when the sweep runs again, a run killed mid-way continues from its
 checkpoint, so an interrupted sweep continues where it stopped. A run that fails is
 reported with its reason (and the traceback in its ``error.txt``); the others go on.
+This machinery is :func:`run_jobs`, public for other drivers (the benchmark scripts use
+it): a list of :class:`Job` (a name, a base config file or None, overrides, a run
+directory), of which it runs the unfinished ones.
 
 The aggregate: ``OUT/results.md`` and ``OUT/results.csv`` (one row per method and cell,
 at the selected tuning values: mean ± std over seeds of the final and best accuracy, ECE,
@@ -285,7 +288,7 @@ def load(path: str | Path, extra: Sequence[str] = (), out: str | Path | None = N
 
 def run_status(run: Run) -> str:
     """``done`` (summary written), ``partial`` (a checkpoint to resume) or ``todo``."""
-    if (run.out / "summary.json").is_file():
+    if finished(run.out):
         return "done"
     if (run.out / "checkpoint.pt").is_file():
         return "partial"
@@ -377,63 +380,94 @@ def execute(job: tuple[str | None, list[str], str, bool, int]) -> dict[str, Any]
         torch.set_num_threads(old_threads)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One run directory to fill: the config ``base`` (a file, or None for the defaults)
+    with ``overrides`` (``--set`` strings), run into ``out``; ``name`` is what messages call it."""
+
+    name: str
+    base: Path | None
+    overrides: tuple[str, ...]
+    out: Path
+
+
+def finished(out: Path) -> bool:
+    """Whether the run directory ``out`` holds a finished run (its summary written)."""
+    return (out / "summary.json").is_file()
+
+
+def run_jobs(jobs: Sequence[Job], workers: int = 1, threads: int = 1, tensorboard: bool = False,
+             say: Callable[[str], None] = print,
+             on_done: Callable[[Job, dict[str, Any]], None] | None = None) -> dict[str, int]:
+    """Run every unfinished job (no ``summary.json`` in its directory yet) with the sweep's
+    machinery: in ``workers`` spawned processes (``threads`` torch threads each; 0 = torch's
+    default; one job or one worker: in this process), each run resumed from its checkpoint
+    when it has one, under a lock on its directory (a run another process holds is left to
+    it: ``busy``), a failure costing only that run (its reason said, the traceback in its
+    ``error.txt``). ``say`` gets one line per run; ``on_done(job, result)`` is called in this
+    process as each run ends, with :func:`execute`'s result (``summary``, ``seconds``,
+    ``resumed``; or ``error``; or ``busy``). Ctrl-C cancels what has not started and
+    re-raises. Returns counts by outcome: total, skipped (already finished), ok, failed, busy."""
+    todo = [j for j in jobs if not finished(j.out)]
+    counts = {"total": len(jobs), "skipped": len(jobs) - len(todo), "ok": 0, "failed": 0, "busy": 0}
+    args = [(None if j.base is None else str(j.base), list(j.overrides), str(j.out), tensorboard, threads)
+            for j in todo]
+
+    def done(job: Job, res: dict[str, Any]) -> None:
+        n = counts["ok"] + counts["failed"] + counts["busy"] + 1
+        if res.get("busy"):
+            counts["busy"] += 1
+            say(f"  [{n}/{len(todo)}] {job.name}: left to the other sweep process running it")
+        elif "error" in res:
+            counts["failed"] += 1
+            say(f"  [{n}/{len(todo)}] FAILED {job.name}: {res['error']} (details: {job.out / 'error.txt'})")
+        else:
+            counts["ok"] += 1
+            acc = res["summary"].get("final_accuracy")
+            shown = f"final accuracy {acc:.4f}" if acc is not None else "no global model"
+            say(f"  [{n}/{len(todo)}] {job.name}: {shown}{' (resumed)' if res['resumed'] else ''} "
+                f"in {res['seconds']:.0f} s")
+        if on_done is not None:
+            on_done(job, res)
+
+    if workers <= 1 or len(todo) <= 1:
+        for job, arg in zip(todo, args, strict=True):
+            done(job, execute(arg))
+        return counts
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(execute, arg): job for job, arg in zip(todo, args, strict=True)}
+        for fut in as_completed(futures):
+            try:
+                res = fut.result()
+            except Exception as e:  # the worker process died (killed, out of memory)
+                res = {"error": f"worker process died: {type(e).__name__}: {e}", "seconds": 0.0}
+            done(futures[fut], res)
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return counts
+
+
 def run_sweep(sw: Sweep, workers: int = 1, threads: int = 1, say: Callable[[str], None] = print) -> dict[str, int]:
     """Run every unfinished run of ``sw`` in ``workers`` processes (``threads`` torch
     threads each; 0 = torch's default) and write the aggregate. Returns counts by outcome."""
     runs = sw.runs()
-    todo = [r for r in runs if run_status(r) != "done"]
-    counts = {"total": len(runs), "skipped": len(runs) - len(todo), "ok": 0, "failed": 0, "busy": 0}
+    todo = sum(run_status(r) != "done" for r in runs)
     sw.out.mkdir(parents=True, exist_ok=True)
     (sw.out / "sweep.toml").write_text(sw.path.read_text())  # what produced this directory
     say(f"sweep {sw.path}: {len(runs)} runs (methods {len(sw.methods)} x cells {len(sw.cells())} x "
-        f"tuning values {len(sw.tunings())} x seeds {len(sw.seeds)}), {counts['skipped']} already finished, "
-        f"{len(todo)} to run with {workers} worker(s); out {sw.out}")
-    base = None if sw.base is None else str(sw.base)
-    jobs = [(base, list(r.overrides), str(r.out), sw.tensorboard, threads) for r in todo]
-    failures: list[tuple[Run, str]] = []
-
-    def done(i: int, run: Run, res: dict[str, Any]) -> None:
-        n = counts["ok"] + counts["failed"] + counts["busy"] + 1
-        if res.get("busy"):
-            counts["busy"] += 1
-            say(f"  [{n}/{len(todo)}] {run.name}: left to the other sweep process running it")
-            return
-        if "error" in res:
-            counts["failed"] += 1
-            failures.append((run, res["error"]))
-            say(f"  [{n}/{len(todo)}] FAILED {run.name}: {res['error']} (details: {run.out / 'error.txt'})")
-            return
-        counts["ok"] += 1
-        s = res["summary"]
-        acc = s.get("final_accuracy")
-        shown = f"final accuracy {acc:.4f}" if acc is not None else "no global model"
-        say(f"  [{n}/{len(todo)}] {run.name}: {shown}{' (resumed)' if res['resumed'] else ''} "
-            f"in {res['seconds']:.0f} s")
-
-    if workers <= 1 or len(jobs) <= 1:
-        for i, (run, job) in enumerate(zip(todo, jobs, strict=True)):
-            done(i, run, execute(job))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        try:
-            futures = {pool.submit(execute, job): (i, run) for i, (run, job) in enumerate(zip(todo, jobs, strict=True))}
-            for fut in as_completed(futures):
-                i, run = futures[fut]
-                try:
-                    res = fut.result()
-                except Exception as e:  # the worker process died (killed, out of memory)
-                    res = {"error": f"worker process died: {type(e).__name__}: {e}", "seconds": 0.0}
-                done(i, run, res)
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
+        f"tuning values {len(sw.tunings())} x seeds {len(sw.seeds)}), {len(runs) - todo} already finished, "
+        f"{todo} to run with {workers} worker(s); out {sw.out}")
+    counts = run_jobs([Job(r.name, sw.base, r.overrides, r.out) for r in runs], workers, threads, sw.tensorboard,
+                      say)
     paths = write_report(sw, say)
-    if failures:
-        say(f"{len(failures)} run(s) failed (listed above; each run directory's error.txt has the traceback); "
+    if counts["failed"]:
+        say(f"{counts['failed']} run(s) failed (listed above; each run directory's error.txt has the traceback); "
             "rerun the same command to retry them (finished runs are kept)")
     say("wrote " + ", ".join(str(p) for p in paths))
     return counts
