@@ -84,6 +84,35 @@ def test_evaluate_client_on_holdout_and_test_by_hand():
                            holdout) == {}
 
 
+def test_identical_client_models_share_one_test_pass_and_give_the_same_metrics(monkeypatch):
+    """The per-evaluation memo: clients holding the same weights are evaluated on the test
+    set once; different weights are not confused; the numbers equal evaluating each."""
+    import kdfl.simulation.clients as clients_mod
+
+    task, parts = tiny_task()
+    weights = {0: torch.zeros(2, 2), 1: torch.zeros(2, 2), 2: torch.tensor([[0.0, 0.0], [0.0, 1.0]])}
+
+    class Alg:
+        def client_model(self, task, downlink, client):
+            return Model("linear", {"weight": weights[client.id].clone()})
+
+    calls = []
+    real = clients_mod.evaluate
+    monkeypatch.setattr(clients_mod, "evaluate", lambda m, d: calls.append(len(d)) or real(m, d))
+    cs = [Client(i, task.train.subset(parts[i % len(parts)]), "linear", 1, seed=0) for i in range(3)]
+    plain = [evaluate_client(Alg(), task, {}, c, None) for c in cs]
+    n_plain = len(calls)
+    cache: dict = {}
+    memo = [evaluate_client(Alg(), task, {}, c, None, cache) for c in cs]
+    assert memo == plain and n_plain == 3
+    assert len(calls) - n_plain == 2  # clients 0 and 1 hold the same weights
+    assert plain[0]["test_accuracy"] != plain[2]["test_accuracy"]  # the third model differs and was not reused
+    fp = clients_mod.weights_fingerprint
+    assert fp("linear", {"weight": torch.zeros(2, 2)}) != fp("mlp", {"weight": torch.zeros(2, 2)})
+    assert fp("linear", {"weight": torch.zeros(2, 2)}) != fp("linear", {"weight": torch.zeros(4)})
+    assert fp("linear", {"weight": torch.zeros(2, 2)}) != fp("linear", {"w": torch.zeros(2, 2)})
+
+
 def test_client_eval_metrics_hook_adds_per_client_metrics_everywhere():
     """An algorithm's ``client_eval_metrics`` runs on the same model and splits as the
     accuracies (keys as they are on the held-out split, ``test_`` on the test set), and

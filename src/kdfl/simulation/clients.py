@@ -20,17 +20,18 @@ and the rest in files, so that 1,000 stateful clients do not need 1,000 models i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kdfl.algorithms.program import Model
 from kdfl.losses import MAIN
@@ -87,8 +88,19 @@ def extra_metrics(algorithm: Any, task: Task, downlink: Payload, client: Client,
     return {f"{prefix}{k}": float(v) for k, v in got.items()}
 
 
+def weights_fingerprint(arch: str, weights: Mapping[str, Tensor]) -> bytes:
+    """A digest of an architecture and its weights (names, dtypes, shapes and bytes): equal
+    digests mean the same model, so its test-set metrics can be computed once."""
+    h = hashlib.blake2b(arch.encode(), digest_size=20)
+    for name, t in weights.items():
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        flat = t.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.digest()
+
+
 def evaluate_client(algorithm: Any, task: Task, downlink: Payload, client: Client,
-                    holdout: TensorData | None) -> dict[str, float]:
+                    holdout: TensorData | None, test_cache: dict[bytes, float] | None = None) -> dict[str, float]:
     """``{"accuracy": on the held-out split (when there is one), "test_accuracy": on the
     global test set}`` of the client's model; ``{}`` when the client has no model.
 
@@ -97,14 +109,24 @@ def evaluate_client(algorithm: Any, task: Task, downlink: Payload, client: Clien
     splits: it is called with ``module`` (the client's model, weights loaded) and ``data``
     (the test set, then the held-out split when there is one); its keys are used as they
     are for the held-out split and prefixed with ``test_`` for the test set
-    (``proto_accuracy``, ``test_proto_accuracy``)."""
+    (``proto_accuracy``, ``test_proto_accuracy``).
+
+    ``test_cache`` (fingerprint -> test accuracy), shared by the clients of one evaluation,
+    lets clients holding the same model (every client of FedAvg after a round, say) share
+    one pass over the test set; the result is the same."""
     model = client_model(algorithm, task, downlink, client)
     if model is None:
         return {}
     module = task.borrow_model(model.arch)
     try:
         module.load_state_dict(model.weights)
-        out = {"test_accuracy": evaluate(module, task.test)["accuracy"]}
+        key = None if test_cache is None else weights_fingerprint(model.arch, model.weights)
+        if key is not None and test_cache is not None and key in test_cache:
+            out = {"test_accuracy": test_cache[key]}
+        else:
+            out = {"test_accuracy": evaluate(module, task.test)["accuracy"]}
+            if key is not None and test_cache is not None:
+                test_cache[key] = out["test_accuracy"]
         out.update(extra_metrics(algorithm, task, downlink, client, module, task.test, "test_"))
         if holdout is not None and len(holdout):
             out["accuracy"] = evaluate(module, holdout)["accuracy"]

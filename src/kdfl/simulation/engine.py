@@ -131,12 +131,13 @@ class LocalTransport:
         """Per-client metrics, each client evaluated in process (not counted as traffic)."""
         from kdfl.simulation.clients import evaluate_client
 
-        results = []
+        results: list[dict[str, float]] = []
+        test_cache: dict[bytes, float] = {}  # clients with identical models share one test pass
         for (info, _), (_, downlink) in zip(jobs, self._downlinks(jobs), strict=True):
             client = make_client(self.task, self.partitions[info.id], info, self.states.get(info.id), None)
             holdout = None if self.holdouts is None else self.task.train.subset(self.holdouts[info.id])
             try:
-                results.append(evaluate_client(self.algorithm, self.task, downlink, client, holdout))
+                results.append(evaluate_client(self.algorithm, self.task, downlink, client, holdout, test_cache))
             except KdflError as e:
                 log.warning("round %d: client %d could not be evaluated: %s", round_num, info.id, e)
                 results.append({})
