@@ -51,14 +51,18 @@ def test_ablation_rows_are_paired_differences_to_the_base(tmp_path: Path) -> Non
         "algorithm.aggregator" = "median"
         [methods.mixed]
         "algorithm.aggregator" = "mean"
+        [methods.same]
+        "algorithm.ema_decay" = 0.99
     """))
     sw = sweep.load(f)
     res = [result("base", 0, 0.60), result("base", 1, 0.70),
            result("worse", 0, 0.50), result("worse", 1, 0.65),
-           result("mixed", 0, 0.62)]  # seed 1 missing: paired on seed 0 only
+           result("mixed", 0, 0.62),  # seed 1 missing: paired on seed 0 only
+           result("same", 0, 0.60), result("same", 1, 0.70)]
     text = claims.claim_ablation(sw, res)
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "0.6500" in rows["base"]  # mean of 0.60 and 0.70
     # worse: -10 and -5 points, mean -7.5
     assert "0.5750 (-7.5: -10.0, -5.0; worse on every seed)" in rows["worse"]
     assert "0.6200 (+2.0: +2.0; better on every seed)" in rows["mixed"]
+    assert "0.6500 (+0.0: +0.0, +0.0; identical on every seed)" in rows["same"]

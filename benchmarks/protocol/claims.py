@@ -173,7 +173,7 @@ def _versus(runs: dict[int, sweep.RunResult], base: dict[int, sweep.RunResult]) 
         return "not run"
     d = [100 * (final(runs[s]) - final(base[s])) for s in seeds]
     sign = ("better on every seed" if all(x > 0 for x in d) else "worse on every seed" if all(x < 0 for x in d)
-            else "mixed")
+            else "identical on every seed" if all(x == 0 for x in d) else "mixed")
     return (f"{_mean([final(runs[s]) for s in seeds]):.4f} ({statistics.mean(d):+.1f}: "
             f"{', '.join(f'{x:+.1f}' for x in d)}; {sign})")
 
