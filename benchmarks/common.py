@@ -118,7 +118,8 @@ def run_jobs(jobs: Sequence[Job], workers: int, log_path: Path | None = None,
     for j in jobs:
         if key(j) not in done:
             todo.setdefault(run_dir(j, root), []).append(j)
-    from_dirs = [d for d in todo if sweep.finished(d)]
+    from_dirs = [d for d in todo if sweep.finished(d)
+                 and not sweep.stale(None, (*todo[d][0][3], f"run.seed={todo[d][0][2]}"), d)]
     if from_dirs:
         _say(f"  reading {len(from_dirs)} finished runs from their run directories under {root}")
     for d in from_dirs:

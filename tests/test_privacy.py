@@ -201,13 +201,15 @@ PROXY = ["data.proxy=holdout", "data.proxy_size=200"]
 @pytest.mark.parametrize("overrides,match", [
     (["algorithm.aggregator=median", *CENTRAL], r"not accounted for FedAvg: aggregator = 'median'.*mode = \"local\""),
     (["algorithm.name=fedavg", "algorithm.aggregator=krum:f=1", *CENTRAL], r"not accounted for FedAvg"),
-    (["algorithm.name=fedema_distill", *PROXY, *CENTRAL],
-     r"FedEMADistill: aggregator = 'median'.*class_weighting = true.*space = 'probs'"),
+    (["algorithm.name=fedema_distill", *PROXY, "algorithm.aggregator=median", "algorithm.class_weighting=true",
+      *CENTRAL], r"FedEMADistill: aggregator = 'median'.*class_weighting = true.*space = 'probs'"),
+    (["algorithm.name=fedema_distill", *PROXY, *CENTRAL],  # the defaults: trimmed mean of probabilities
+     r"FedEMADistill: aggregator = 'trimmed_mean:beta=0.2' needs the individual uploads.*space = 'probs'"),
     (["algorithm.name=feddf", *PROXY, *CENTRAL], r"FedDF: its server does not aggregate the uploads with a plain mean"),
     (["algorithm.name=fd", *CENTRAL], r"not accounted for FD"),
     (["algorithm.name=dsfl", *PROXY, "algorithm.upload=logits", *CENTRAL], r"softmax to each upload"),
     (["algorithm.name=dsfl", *PROXY, "privacy.noise_multiplier=1.0"], r"noisy soft labels.*upload = \"logits\""),
-    (["algorithm.name=fedema_distill", *PROXY, "privacy.noise_multiplier=1.0"],
+    (["algorithm.name=fedema_distill", *PROXY, "algorithm.class_weighting=true", "privacy.noise_multiplier=1.0"],
      r"class_weighting = true: clients upload label counts.*class_weighting = false"),
 ])
 def test_unaccounted_combinations_are_refused(overrides, match):
@@ -221,8 +223,9 @@ def test_unaccounted_combinations_are_refused(overrides, match):
     ["algorithm.name=fedema_distill", *PROXY, "algorithm.aggregator=mean", "algorithm.class_weighting=false",
      "algorithm.space=centered", *CENTRAL],
     ["algorithm.name=dsfl", *PROXY, *CENTRAL],
-    ["algorithm.name=fedema_distill", *PROXY, "algorithm.class_weighting=false", "privacy.noise_multiplier=1.0"],
-    ["algorithm.name=fedema_distill", *PROXY, "privacy.allow_integer_entries=true", "privacy.noise_multiplier=1.0"],
+    ["algorithm.name=fedema_distill", *PROXY, "privacy.noise_multiplier=1.0"],  # defaults: no class weighting
+    ["algorithm.name=fedema_distill", *PROXY, "algorithm.class_weighting=true", "privacy.allow_integer_entries=true",
+     "privacy.noise_multiplier=1.0"],
     ["algorithm.name=feddf", *PROXY, "privacy.noise_multiplier=1.0"],  # local: any rule is post-processing
 ])
 def test_accounted_combinations_load(overrides):

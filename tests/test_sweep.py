@@ -242,3 +242,34 @@ def test_a_component_name_comes_before_its_options(tmp_path: Path) -> None:
     sw = sweep.load(p)
     o = list(sw.runs()[0].overrides)
     assert o.index("attack.name=\"sign_flip\"") < o.index("attack.fraction=0.25")
+
+
+def test_a_finished_run_of_another_config_is_stale_never_reused_nor_overwritten(tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Editing a [set] value (or a default changing) does not move the run directory; the
+    finished run there is then of another config: reported as stale, left untouched, and
+    kept out of the tables, instead of being passed off as the new config's result."""
+    text = TINY.replace("seeds = [0, 1]", "seeds = [0]")
+    p = write(tmp_path, text)
+    sw = sweep.load(p, out=tmp_path / "out")
+    assert sweep.run_sweep(sw, say=lambda _: None)["ok"] == 1
+    run = sw.runs()[0]
+    assert sweep.run_status(run, sw.base, check=True) == "done" and sweep.stale(sw.base, run.overrides, run.out) == []
+    before = (run.out / "summary.json").read_bytes()
+
+    p2 = write(tmp_path, text.replace('"local.lr" = 0.1', '"local.lr" = 0.05'))
+    sw2 = sweep.load(p2, out=tmp_path / "out")
+    run2 = sw2.runs()[0]
+    assert run2.out == run.out  # the same directory: [set] values are not in the path
+    assert sweep.stale(sw2.base, run2.overrides, run2.out) == ["local.lr: 0.1 -> 0.05"]
+    assert sweep.run_status(run2, sw2.base, check=True) == "stale"
+    assert sweep.run_status(run2) == "done"  # without the check: only whether it finished
+    lines: list[str] = []
+    counts = sweep.run_sweep(sw2, say=lines.append)
+    assert counts["failed"] == 1 and counts["ok"] == 0 and counts["skipped"] == 0
+    assert any("STALE" in line and "local.lr: 0.1 -> 0.05" in line and "move that directory away" in line
+               for line in lines)
+    assert (run.out / "summary.json").read_bytes() == before
+    assert sweep.collect(sw2) == [] and len(sweep.collect(sw)) == 1
+    assert cli.main(["sweep", str(p2), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("stale")

@@ -146,7 +146,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sw = sweep.load(args.sweep, args.set or [], args.out)
     if args.dry_run:
         for run in sw.runs():
-            print(f"{sweep.run_status(run):8s} {run.name}  ->  {run.out}")
+            print(f"{sweep.run_status(run, sw.base, check=True):8s} {run.name}  ->  {run.out}")
         return 0
     if args.report_only:
         print("wrote " + ", ".join(str(p) for p in sweep.write_report(sw)))

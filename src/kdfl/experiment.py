@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,19 @@ def build(cfg: Config) -> Federation:
 RESUMABLE_CHANGES = {("run", "rounds")}  # what a resume may change: extending (or ending) a run early
 
 
+def config_diffs(old: Config, new: Config, ignore: Collection[tuple[str, str]] = ()) -> list[str]:
+    """``"section.key: old -> new"`` for every key whose value differs between two loaded
+    configs (a key set in one and not the other counts: a default may change between
+    versions), except the (section, key) pairs in ``ignore``."""
+    diffs = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if (section, key) not in ignore and a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    return diffs
+
+
 def _check_resume(run_dir: Path, cfg: Config) -> None:
     """Refuse to resume ``run_dir`` with a config that differs from the one it was started
     with, except for ``run.rounds`` (extending a run is a normal need; every stream derives
@@ -106,12 +119,7 @@ def _check_resume(run_dir: Path, cfg: Config) -> None:
         old = config_mod.load(path)
     except KdflError as e:
         raise KdflError(f"cannot resume {run_dir}: its {path.name} no longer loads ({e})") from None
-    diffs = []
-    for section in sorted(set(old) | set(cfg)):
-        a, b = old.get(section, {}), cfg.get(section, {})
-        for key in sorted(set(a) | set(b)):
-            if (section, key) not in RESUMABLE_CHANGES and a.get(key) != b.get(key):
-                diffs.append(f"{section}.{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    diffs = config_diffs(old, cfg, ignore=RESUMABLE_CHANGES)
     if diffs:
         raise KdflError(
             f"cannot resume {run_dir}: the config differs from the one it was started with ({path}): "

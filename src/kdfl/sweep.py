@@ -286,9 +286,33 @@ def load(path: str | Path, extra: Sequence[str] = (), out: str | Path | None = N
 # -- running -------------------------------------------------------------------------------------------
 
 
-def run_status(run: Run) -> str:
-    """``done`` (summary written), ``partial`` (a checkpoint to resume) or ``todo``."""
+# how a run is executed, not what it computes: a finished run is not stale for these
+HOW_NOT_WHAT = {("run", "threads"), ("run", "checkpoint_every")}
+
+
+def stale(base: Path | None, overrides: Sequence[str], out: Path) -> list[str]:
+    """How the finished run in ``out`` differs from the config ``base`` + ``overrides``
+    (``section.key: run's -> wanted``), or ``[]`` when it is that config. A finished run of
+    another config (the sweep file or a default changed since) must not be reported as this
+    one; a run directory whose config no longer loads counts as stale too. Torch threads and
+    the checkpoint interval (:data:`HOW_NOT_WHAT`) may differ."""
+    from kdfl import config, experiment
+
+    try:
+        have = config.load(out / "config.toml")
+    except KdflError as e:
+        return [f"its config.toml no longer loads ({e})"]
+    return experiment.config_diffs(have, config.load(None if base is None else str(base), list(overrides)),
+                                   ignore=HOW_NOT_WHAT)
+
+
+def run_status(run: Run, base: Path | None = None, check: bool = False) -> str:
+    """``done`` (summary written), ``partial`` (a checkpoint to resume) or ``todo``; with
+    ``check``, ``stale`` for a finished run of another config than ``base`` + the run's
+    overrides (see :func:`stale`)."""
     if finished(run.out):
+        if check and stale(base, run.overrides, run.out):
+            return "stale"
         return "done"
     if (run.out / "checkpoint.pt").is_file():
         return "partial"
@@ -409,7 +433,16 @@ def run_jobs(jobs: Sequence[Job], workers: int = 1, threads: int = 1, tensorboar
     ``resumed``; or ``error``; or ``busy``). Ctrl-C cancels what has not started and
     re-raises. Returns counts by outcome: total, skipped (already finished), ok, failed, busy."""
     todo = [j for j in jobs if not finished(j.out)]
-    counts = {"total": len(jobs), "skipped": len(jobs) - len(todo), "ok": 0, "failed": 0, "busy": 0}
+    old = [(j, stale(j.base, j.overrides, j.out)) for j in jobs if finished(j.out)]
+    old = [(j, d) for j, d in old if d]
+    counts = {"total": len(jobs), "skipped": len(jobs) - len(todo) - len(old), "ok": 0, "failed": len(old),
+              "busy": 0}
+    for j, d in old:  # never overwritten: moving a finished run away is the user's call
+        say(f"  STALE {j.name}: {j.out} holds a finished run of another config ({'; '.join(d[:4])}"
+            f"{'; ...' if len(d) > 4 else ''}); move that directory away (or give the sweep another --out) "
+            "to run this one")
+        if on_done is not None:
+            on_done(j, {"error": f"stale run directory {j.out}: {'; '.join(d)}", "seconds": 0.0})
     args = [(None if j.base is None else str(j.base), list(j.overrides), str(j.out), tensorboard, threads)
             for j in todo]
 
@@ -457,7 +490,7 @@ def run_sweep(sw: Sweep, workers: int = 1, threads: int = 1, say: Callable[[str]
     """Run every unfinished run of ``sw`` in ``workers`` processes (``threads`` torch
     threads each; 0 = torch's default) and write the aggregate. Returns counts by outcome."""
     runs = sw.runs()
-    todo = sum(run_status(r) != "done" for r in runs)
+    todo = sum(not finished(r.out) for r in runs)
     sw.out.mkdir(parents=True, exist_ok=True)
     (sw.out / "sweep.toml").write_text(sw.path.read_text())  # what produced this directory
     say(f"sweep {sw.path}: {len(runs)} runs (methods {len(sw.methods)} x cells {len(sw.cells())} x "
@@ -505,13 +538,14 @@ class RunResult:
 
 
 def collect(sw: Sweep) -> list[RunResult]:
-    """The finished runs of ``sw`` (unfinished and failed ones are left out)."""
+    """The finished runs of ``sw`` (unfinished, failed and stale ones are left out: a run
+    directory holding another config than the sweep's, see :func:`stale`)."""
     from kdfl import config
     from kdfl.report import read_run
 
     out = []
     for run in sw.runs():
-        if run_status(run) != "done":
+        if run_status(run, sw.base, check=True) != "done":
             continue
         records, summary = read_run(run.out)
         cfg = config.load(run.out / "config.toml")
