@@ -23,15 +23,33 @@ def test_shipped_config_loads_and_builds(path):
     assert len(fed.partitions) == cfg["data"]["num_clients"]
 
 
-def test_fmnist_pair_shares_the_federation():
-    """configs/fedema_fmnist.toml and configs/fedavg_fmnist.toml differ only in the algorithm,
-    the attack and the codec: same data, partition, clients, rounds and local work."""
+@pytest.mark.parametrize("clean, attacked", [("fedavg_fmnist.toml", "fedema_fmnist.toml"),
+                                             ("fedavg_mnist1d.toml", "fedema_distill.toml")])
+def test_shipped_pairs_share_the_federation(clean, attacked):
+    """Each shipped FedEMA-Distill config and its clean FedAvg reference differ only in the
+    algorithm, the attack and the codec: same data, partition, clients, rounds and local work."""
     root = Path(__file__).parents[2] / "configs"
-    a, b = config.load(root / "fedavg_fmnist.toml"), config.load(root / "fedema_fmnist.toml")
+    a, b = config.load(root / clean), config.load(root / attacked)
     for section in ("run", "data", "partition", "model", "local"):
         assert a[section] == b[section], section
     assert b["attack"]["fraction"] == 0.2 and a["attack"]["name"] == "none"
     assert b["algorithm"]["aggregator"].startswith(("median", "trimmed_mean"))
+
+
+def test_the_seed_sweep_runs_the_shipped_fedavg_reference():
+    """benchmarks/fedema_distill_seeds.toml writes configs/fedavg_mnist1d.toml as overrides of
+    configs/fedema_distill.toml: the two must be the same run."""
+    from kdfl import sweep
+
+    root = Path(__file__).parents[2]
+    sw = sweep.load(root / "benchmarks" / "fedema_distill_seeds.toml")
+    run = next(r for r in sw.runs() if r.method == "fedavg_clean" and r.seed == 0)
+    built = config.load(str(sw.base), list(run.overrides))
+    shipped = config.load(root / "configs" / "fedavg_mnist1d.toml")
+    for section in ("run", "data", "partition", "model", "local"):
+        assert built[section] == shipped[section], section
+    assert built["algorithm"]["name"] == shipped["algorithm"]["name"] == "fedavg"
+    assert built["attack"]["name"] == "none" and built["compression"] == shipped["compression"]
 
 
 @pytest.mark.slow
