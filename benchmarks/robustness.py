@@ -28,10 +28,11 @@ ATTACKS = {
     "label_flip": ["attack.name=label_flip"],
     "alie": ["attack.name=alie"],
 }
+EMA = ["algorithm.name=fedema_distill", "algorithm.class_weighting=true"]  # as in headline.py: pinned
 METHODS = {
-    "FedEMA-Distill mean": ["algorithm.name=fedema_distill", "algorithm.aggregator=mean"],
-    "FedEMA-Distill median": ["algorithm.name=fedema_distill", "algorithm.aggregator=median"],
-    "FedEMA-Distill trimmed": ["algorithm.name=fedema_distill", "algorithm.aggregator=trimmed_mean:beta=0.2"],
+    "FedEMA-Distill mean": [*EMA, "algorithm.aggregator=mean"],
+    "FedEMA-Distill median": [*EMA, "algorithm.aggregator=median"],
+    "FedEMA-Distill trimmed": [*EMA, "algorithm.aggregator=trimmed_mean:beta=0.2"],
     "FedAvg mean": ["algorithm.name=fedavg", "algorithm.aggregator=mean"],
     "FedAvg median": ["algorithm.name=fedavg", "algorithm.aggregator=median"],
 }
