@@ -271,5 +271,6 @@ def test_a_finished_run_of_another_config_is_stale_never_reused_nor_overwritten(
                for line in lines)
     assert (run.out / "summary.json").read_bytes() == before
     assert sweep.collect(sw2) == [] and len(sweep.collect(sw)) == 1
+    assert "Left out: 1 stale run(s)" in (tmp_path / "out" / "results.md").read_text()
     assert cli.main(["sweep", str(p2), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith("stale")

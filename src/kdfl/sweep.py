@@ -710,7 +710,13 @@ def write_report(sw: Sweep, say: Callable[[str], None] = print) -> list[Path]:
     md, text_csv, tuning_md = tables(sw, results)
     chosen, _ = select(sw, results)
     sw.out.mkdir(parents=True, exist_ok=True)
+    old = [r for r in sw.runs() if run_status(r, sw.base, check=True) == "stale"]
     title = f"# Sweep {sw.path.name}\n\nCommand: `kdfl sweep {sw.path}`; {len(results)} finished runs.\n\n"
+    if old:
+        title += (f"Left out: {len(old)} stale run(s), finished under another config than the sweep's "
+                  f"(see `kdfl sweep {sw.path.name} --dry-run`): " + ", ".join(r.name for r in old[:10])
+                  + (", ..." if len(old) > 10 else "") + ".\n\n")
+        say(f"{len(old)} stale run(s) left out of the tables (finished under another config; --dry-run lists them)")
     paths = [sw.out / "results.md", sw.out / "results.csv"]
     paths[0].write_text(title + md)
     paths[1].write_text(text_csv)
