@@ -7,6 +7,7 @@ verdicts with their numbers.
     python benchmarks/protocol/claims.py feddf_epochs_mnist1d
     python benchmarks/protocol/claims.py fedema_clean_mnist1d fedema_clean_fmnist
     python benchmarks/protocol/claims.py fedema_ablation_mnist1d    # with its attacked half
+    python benchmarks/protocol/claims.py fedema_distill_seeds       # the shipped mnist1d pair, seeds 0-9
 
 Verdict rule (PROTOCOL.md): *met* when the mean clears the bar and the lead holds on every
 paired seed; *missed* when the mean does not clear it; *not separable from seed noise* when
@@ -213,10 +214,55 @@ CLAIMS = {"feddf_epochs_mnist1d": claim_feddf, "feddf_epochs_fmnist": claim_fedd
           "fedema_clean_mnist1d": claim_fedema, "fedema_clean_fmnist": claim_fedema}
 
 
+def shipped_pair() -> None:
+    """benchmarks/fedema_distill_seeds.toml: the shipped attacked FedEMA-Distill config and its
+    clean FedAvg twin over seeds 0-9, per seed, with the run-to-the-end check."""
+    path = HERE.parent / "fedema_distill_seeds.toml"
+    sw = sweep.load(path)
+    results = sweep.collect(sw)
+    runs = {m: {r.run.seed: r for r in results if r.run.method == m} for m in ("fedema_attacked", "fedavg_clean")}
+    a, b = runs["fedema_attacked"], runs["fedavg_clean"]
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = ["# The shipped mnist1d pair over seeds 0-9", "",
+             f"Command: `kdfl sweep benchmarks/fedema_distill_seeds.toml` then `python benchmarks/protocol/claims.py "
+             f"fedema_distill_seeds` ({stamp}; {len(results)} of {len(sw.runs())} runs finished; one torch thread, "
+             "beside other benchmark processes). `configs/fedema_distill.toml` (4 of 20 clients sign-flip their "
+             "logits; trimmed mean 0.2 of probabilities, no class weighting; fp16 uplink) against the clean FedAvg "
+             "of `configs/fedavg_mnist1d.toml` (same data, partition, 8 of 20 clients per round, 20 rounds of 5 "
+             "local epochs); only `run.seed` varies.", "",
+             "| seed | rounds completed (FedEMA-Distill) | FedEMA-Distill attacked: final / best | FedAvg clean: final / best "
+             "| attacked - clean | failed client-rounds (excluded, run went on) | rejected uploads |",
+             "|---|---|---|---|---|---|---|"]
+    diffs = []
+    for seed in sorted(set(a) | set(b)):
+        ra, rb = a.get(seed), b.get(seed)
+        d = final(ra) - final(rb) if ra and rb else None
+        if d is not None:
+            diffs.append(d)
+
+        def fb(r: sweep.RunResult | None) -> str:
+            return f"{final(r):.4f} / {float(r.summary['best_accuracy']):.4f}" if r else "not finished"
+
+        got = ra.summary if ra else {}
+        lines.append(f"| {seed} | {got.get('rounds', '-')} | {fb(ra)} | {fb(rb)} | {'-' if d is None else f'{d:+.4f}'} "
+                     f"| {got.get('failed_clients', '-')} | {got.get('rejected_payloads', '-')} |")
+    if a and b:
+        fa, fb_ = [final(r) for r in a.values()], [final(r) for r in b.values()]
+        lines += ["", f"Mean ± std over seeds: FedEMA-Distill attacked {pm(fa)[1:]}, FedAvg clean {pm(fb_)[1:]}; "
+                  f"attacked at or above clean: **{verdict(diffs)}** ({sum(x >= 0 for x in diffs)} of {len(diffs)} "
+                  "seeds)."]
+    out = RESULTS / "fedema_distill_seeds.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
 def main(names: list[str]) -> None:
     if not names:
         sys.exit(__doc__)
     for name in names:
+        if name == "fedema_distill_seeds":
+            shipped_pair()
+            continue
         path = HERE / f"{name}.toml"
         sw = sweep.load(path, out=Path("runs/protocol") / name)
         results = sweep.collect(sw)
