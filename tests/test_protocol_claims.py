@@ -66,3 +66,31 @@ def test_ablation_rows_are_paired_differences_to_the_base(tmp_path: Path) -> Non
     assert "0.5750 (-7.5: -10.0, -5.0; worse on every seed)" in rows["worse"]
     assert "0.6200 (+2.0: +2.0; better on every seed)" in rows["mixed"]
     assert "0.6500 (+0.0: +0.0, +0.0; identical on every seed)" in rows["same"]
+
+
+def test_feddf_gap_growth_needs_two_epoch_values(tmp_path: Path) -> None:
+    f = tmp_path / "feddf.toml"
+    f.write_text(textwrap.dedent("""
+        seeds = [0]
+        [grid]
+        "partition.alpha" = [0.1]
+        "local.epochs" = [1, 5]
+        [methods.fedavg]
+        "algorithm.name" = "fedavg"
+        [methods.feddf]
+        "algorithm.name" = "feddf"
+    """))
+    sw = sweep.load(f)
+    c1, c5 = sw.cells()
+
+    def res(method: str, cell: sweep.Assignment, acc: float) -> sweep.RunResult:
+        r = result(method, 0, acc, cell)
+        r.records[0]["val_accuracy"] = acc
+        return r
+
+    one = claims.claim_feddf(sw, [res("fedavg", c1, 0.5), res("feddf", c1, 0.6)])
+    assert "1 epochs +0.1000: not measured (one local-epoch value finished)" in one
+    assert "| 0.1 | 1 | 0.5000 | 0.6000 | +0.1000 ± 0.0000 | +0.100 | met |" in one
+    both = claims.claim_feddf(sw, [res("fedavg", c1, 0.5), res("feddf", c1, 0.6),
+                                   res("fedavg", c5, 0.5), res("feddf", c5, 0.55)])
+    assert "1 epochs +0.1000 → 5 epochs +0.0500: missed (does not grow)" in both

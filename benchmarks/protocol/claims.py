@@ -77,8 +77,9 @@ def claim_feddf(sw: sweep.Sweep, results: list[sweep.RunResult]) -> str:
     for alpha, g in gaps.items():
         g = sorted(g)
         grows = all(x[1] < y[1] for x, y in zip(g, g[1:], strict=False))
-        lines.append(f"- alpha {alpha}: " + " → ".join(f"{e} epochs {m:+.4f}" for e, m in g)
-                     + f": {'met (grows)' if grows else 'missed (does not grow)'}")
+        said = ("not measured (one local-epoch value finished)" if len(g) < 2
+                else "met (grows)" if grows else "missed (does not grow)")
+        lines.append(f"- alpha {alpha}: " + " → ".join(f"{e} epochs {m:+.4f}" for e, m in g) + f": {said}")
     return "\n".join(lines) + "\n"
 
 
