@@ -120,13 +120,14 @@ def evaluate_client(algorithm: Any, task: Task, downlink: Payload, client: Clien
     module = task.borrow_model(model.arch)
     try:
         module.load_state_dict(model.weights)
-        key = None if test_cache is None else weights_fingerprint(model.arch, model.weights)
-        if key is not None and test_cache is not None and key in test_cache:
-            out = {"test_accuracy": test_cache[key]}
+        if test_cache is None:
+            acc = evaluate(module, task.test)["accuracy"]
         else:
-            out = {"test_accuracy": evaluate(module, task.test)["accuracy"]}
-            if key is not None and test_cache is not None:
-                test_cache[key] = out["test_accuracy"]
+            key = weights_fingerprint(model.arch, model.weights)
+            if key not in test_cache:
+                test_cache[key] = evaluate(module, task.test)["accuracy"]
+            acc = test_cache[key]
+        out = {"test_accuracy": acc}
         out.update(extra_metrics(algorithm, task, downlink, client, module, task.test, "test_"))
         if holdout is not None and len(holdout):
             out["accuracy"] = evaluate(module, holdout)["accuracy"]
