@@ -38,7 +38,10 @@ Each run is an ordinary run directory under ``OUT/runs/<method>/<cell>/<tuning>/
 (config, metrics, summary, checkpoints, ``run.log``). A finished run (its summary
 written) is skipped when the sweep runs again, a run killed mid-way continues from its
 checkpoint, so an interrupted sweep continues where it stopped. A run that fails is
-reported with its reason (and the traceback in its ``error.txt``); the others go on.
+reported with its reason (and the traceback in its ``error.txt``); the others go on. A
+finished run whose config differs from what the sweep would run now (an edited ``[set]``
+value, a changed default) is *stale* (:func:`stale`): reported, left out of the tables and
+never overwritten.
 This machinery is :func:`run_jobs`, public for other drivers (the benchmark scripts use
 it): a list of :class:`Job` (a name, a base config file or None, overrides, a run
 directory), of which it runs the unfinished ones.
