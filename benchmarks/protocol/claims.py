@@ -38,6 +38,10 @@ def chosen_runs(sw: sweep.Sweep, results: list[sweep.RunResult], method: str,
             if r.run.method == method and r.run.cell == cell and r.run.tuning == tuning}
 
 
+def _by_seed(results: list[sweep.RunResult], method: str, cell: sweep.Assignment) -> dict[int, sweep.RunResult]:
+    return {r.run.seed: r for r in results if r.run.method == method and r.run.cell == cell}
+
+
 def final(r: sweep.RunResult) -> float:
     return float(r.summary["final_accuracy"])
 
@@ -148,7 +152,7 @@ def claim_byzantine(clean: sweep.Sweep, clean_results: list[sweep.RunResult], sw
                       if r.run.method == v and dict(r.run.tuning).get("local.lr") == lr}
         for cell in sw.cells():
             c = dict(cell)
-            runs = {r.run.seed: r for r in results if r.run.method == v and r.run.cell == cell}
+            runs = _by_seed(results, v, cell)
             seeds = sorted(set(runs) & set(clean_runs))
             if not seeds:
                 continue
@@ -162,10 +166,6 @@ def claim_byzantine(clean: sweep.Sweep, clean_results: list[sweep.RunResult], sw
                 f"{_mean([float(clean_runs[s].summary['final_ece']) for s in seeds]):.4f} | "
                 f"{verdict([0.02 - x for x in ece])} |")
     return "\n".join(lines) + "\n"
-
-
-def _by_seed(results: list[sweep.RunResult], method: str, cell: sweep.Assignment) -> dict[int, sweep.RunResult]:
-    return {r.run.seed: r for r in results if r.run.method == method and r.run.cell == cell}
 
 
 def _versus(runs: dict[int, sweep.RunResult], base: dict[int, sweep.RunResult]) -> str:
@@ -221,7 +221,7 @@ def shipped_pair() -> None:
     path = HERE.parent / "fedema_distill_seeds.toml"
     sw = sweep.load(path)
     results = sweep.collect(sw)
-    runs = {m: {r.run.seed: r for r in results if r.run.method == m} for m in ("fedema_attacked", "fedavg_clean")}
+    runs = {m: _by_seed(results, m, ()) for m in ("fedema_attacked", "fedavg_clean")}
     a, b = runs["fedema_attacked"], runs["fedavg_clean"]
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = ["# The shipped mnist1d pair over seeds 0-9", "",
@@ -234,15 +234,15 @@ def shipped_pair() -> None:
              "| seed | rounds completed (FedEMA-Distill) | FedEMA-Distill attacked: final / best | FedAvg clean: final / best "
              "| attacked - clean | failed client-rounds (excluded, run went on) | rejected uploads |",
              "|---|---|---|---|---|---|---|"]
+    def fb(r: sweep.RunResult | None) -> str:
+        return f"{final(r):.4f} / {float(r.summary['best_accuracy']):.4f}" if r else "not finished"
+
     diffs = []
     for seed in sorted(set(a) | set(b)):
         ra, rb = a.get(seed), b.get(seed)
         d = final(ra) - final(rb) if ra and rb else None
         if d is not None:
             diffs.append(d)
-
-        def fb(r: sweep.RunResult | None) -> str:
-            return f"{final(r):.4f} / {float(r.summary['best_accuracy']):.4f}" if r else "not finished"
 
         got = ra.summary if ra else {}
         lines.append(f"| {seed} | {got.get('rounds', '-')} | {fb(ra)} | {fb(rb)} | {'-' if d is None else f'{d:+.4f}'} "
@@ -255,6 +255,13 @@ def shipped_pair() -> None:
     out = RESULTS / "fedema_distill_seeds.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
+
+
+ATTACKED: dict[str, tuple[str, Any]] = {
+    "fedema_clean_mnist1d": ("fedema_byzantine_mnist1d", claim_byzantine),
+    "fedema_ablation_mnist1d": ("fedema_ablation_byzantine_mnist1d",
+                                lambda sw, res, byz, byz_res: claim_ablation(sw, res, (byz, byz_res))),
+}
 
 
 def main(names: list[str]) -> None:
@@ -283,17 +290,12 @@ def main(names: list[str]) -> None:
                      "move them): " + "; ".join(edges) + "."]
         if name in CLAIMS:
             text += ["", CLAIMS[name](sw, results)]
-        if name == "fedema_ablation_mnist1d":  # with the attacked half beside it
-            byz = sweep.load(HERE / "fedema_ablation_byzantine_mnist1d.toml",
-                             out=Path("runs/protocol/fedema_ablation_byzantine_mnist1d"))
+        if name in ATTACKED:  # the attacked companion sweep, compared with these clean runs
+            other, claim = ATTACKED[name]
+            byz = sweep.load(HERE / f"{other}.toml", out=Path("runs/protocol") / other)
             byz_results = sweep.collect(byz)
             text += ["", f"({len(byz_results)} of {len(byz.runs())} attacked runs finished.)", "",
-                     claim_ablation(sw, results, (byz, byz_results))]
-        if name == "fedema_clean_mnist1d":  # the attacked runs, compared with these clean ones
-            byz = sweep.load(HERE / "fedema_byzantine_mnist1d.toml", out=Path("runs/protocol/fedema_byzantine_mnist1d"))
-            byz_results = sweep.collect(byz)
-            text += ["", f"({len(byz_results)} of {len(byz.runs())} attacked runs finished.)", "",
-                     claim_byzantine(sw, results, byz, byz_results)]
+                     claim(sw, results, byz, byz_results)]
         out = RESULTS / f"protocol_{name}.md"
         out.write_text("\n".join(text))
         print(f"wrote {out}")

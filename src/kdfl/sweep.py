@@ -713,7 +713,8 @@ def write_report(sw: Sweep, say: Callable[[str], None] = print) -> list[Path]:
     md, text_csv, tuning_md = tables(sw, results)
     chosen, _ = select(sw, results)
     sw.out.mkdir(parents=True, exist_ok=True)
-    old = [r for r in sw.runs() if run_status(r, sw.base, check=True) == "stale"]
+    kept = {r.run.out for r in results}
+    old = [r for r in sw.runs() if finished(r.out) and r.out not in kept]  # collect left them out: stale
     title = f"# Sweep {sw.path.name}\n\nCommand: `kdfl sweep {sw.path}`; {len(results)} finished runs.\n\n"
     if old:
         title += (f"Left out: {len(old)} stale run(s), finished under another config than the sweep's "
