@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +31,11 @@ class LocalSGD:
         momentum: SGD momentum.
         weight_decay: L2 penalty applied by the optimizer.
         optimizer: "sgd" or "adam".
+        lr_decay: γ of a per-round exponential decay: round t (0-based) trains at
+            ``lr · γ^t`` (the references of FedNTD and FedGen decay 0.99 per round;
+            1 = constant). Applied by the runners through :meth:`at_round`.
+        clip_grad_norm: clip the gradient norm of each trained model of a phase to this
+            before the step (PFLlib's FedKD and FML clip at 10); 0 = no clipping.
     """
 
     epochs: int = 1
@@ -40,6 +45,8 @@ class LocalSGD:
     momentum: float = 0.0
     weight_decay: float = 0.0
     optimizer: str = "sgd"
+    lr_decay: float = 1.0
+    clip_grad_norm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -49,6 +56,16 @@ class LocalSGD:
                 "local: epochs and steps must be >= 0, batch_size >= 1 and lr > 0 "
                 f"(got epochs={self.epochs}, steps={self.steps}, batch_size={self.batch_size}, lr={self.lr})"
             )
+        if not (0 < self.lr_decay <= 1) or self.clip_grad_norm < 0:
+            raise KdflError(f"local: lr_decay must be in (0, 1] and clip_grad_norm >= 0 (0 = off), got "
+                            f"lr_decay={self.lr_decay}, clip_grad_norm={self.clip_grad_norm}")
+
+    def at_round(self, t: int) -> LocalSGD:
+        """These settings for 0-based round ``t``: ``lr · lr_decay^t`` (itself when the
+        decay is 1 or t = 0, so phases built once stay one object)."""
+        if self.lr_decay == 1 or t <= 0:
+            return self
+        return replace(self, lr=self.lr * self.lr_decay**t, lr_decay=1.0)
 
     def num_steps(self, n: int) -> int:
         """Optimizer steps for a client with ``n`` examples."""
@@ -137,6 +154,9 @@ def local_train(
                             "lower local.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.clip_grad_norm:
+            for name in phase.train:  # each model's own norm, as PFLlib clips each model
+                torch.nn.utils.clip_grad_norm_(params[name].values(), cfg.clip_grad_norm)
         opt.step()
         total += value
         steps += 1

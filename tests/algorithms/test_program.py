@@ -124,3 +124,53 @@ class _Fixed:
 
     def client_program(self, task, downlink, client):
         return self.program
+
+
+def test_lr_decay_and_gradient_clipping_by_hand():
+    # the program of test_one_program_by_hand: one step at lr 1 from W = 0 with gradient
+    # G = [[0, 1], [0, -1]] (norm sqrt 2), so the delta is -lr_t * G * min(1, c / sqrt 2)
+    from kdfl.algorithms.program import at_round
+
+    task, parts = tiny_task()
+    start = {"weight": torch.zeros(2, 2)}
+    g = torch.tensor([[0.0, 1.0], [0.0, -1.0]])
+
+    def delta(local: LocalSGD, round_num: int) -> torch.Tensor:
+        client = Client(1, task.train.subset(parts[1]), "linear", round_num, seed=0)
+        program = Program({"model": Model("linear", start)}, [Phase(CrossEntropy(), local)], upload=[Delta(start)])
+        return run_program(task, client, at_round(program, client)).payload["delta.weight"]
+
+    decayed = LocalSGD(epochs=1, batch_size=8, lr=1.0, lr_decay=0.5)
+    torch.testing.assert_close(delta(decayed, 1), -g)  # engine round 1 = t 0: lr 1
+    torch.testing.assert_close(delta(decayed, 3), -0.25 * g)  # t = 2: lr 0.5^2
+    clipped = LocalSGD(epochs=1, batch_size=8, lr=1.0, clip_grad_norm=0.5)
+    torch.testing.assert_close(delta(clipped, 1), -g * 0.5 / 2**0.5)
+    torch.testing.assert_close(delta(LocalSGD(epochs=1, batch_size=8, lr=1.0, clip_grad_norm=10.0), 1), -g)
+    assert decayed.at_round(0) is decayed and ONE_STEP.at_round(5) is ONE_STEP
+    with pytest.raises(KdflError, match="lr_decay must be in"):
+        LocalSGD(lr_decay=1.5)
+    with pytest.raises(KdflError, match="clip_grad_norm >= 0"):
+        LocalSGD(clip_grad_norm=-1.0)
+
+
+def test_lr_decay_and_clipping_under_the_vectorized_executor():
+    # the decayed learning rate batches (one Phase value per round); clipping falls back to
+    # the reference runner; both give the sequential executor's updates
+    cfg = config_mod.load(None, ["data.name=digits", "data.num_clients=3", "model.arch=mlp:hidden=16",
+                                 "local.epochs=1", "local.batch_size=32", "run.rounds=1", "local.lr=0.1",
+                                 "local.lr_decay=0.5", "local.clip_grad_norm=0.5"])
+    fed = experiment.build(cfg)
+    engine = Engine(fed.algorithm, fed.task, fed.partitions, RunSettings(rounds=1))
+    state = fed.algorithm.init(fed.task)
+    for clip in (0.0, 0.5):
+        alg = fed.algorithm.__class__(local=LocalSGD(epochs=1, batch_size=32, lr=0.1, lr_decay=0.5,
+                                                     clip_grad_norm=clip))
+        jobs = [(engine.client(c, 3, None), alg.configure(fed.task, state, engine.client(c, 3, None).info))
+                for c in range(3)]
+        seq = Sequential().run(alg, fed.task, jobs)
+        vec = Vectorized()
+        out = vec.run(alg, fed.task, jobs)
+        assert (vec.batched > 0) == (clip == 0)
+        for a, b in zip(seq, out, strict=True):
+            for k in a.payload:
+                torch.testing.assert_close(a.payload[k], b.payload[k], rtol=1e-4, atol=1e-6)

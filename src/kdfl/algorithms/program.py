@@ -57,7 +57,7 @@ An FD client (per-label average logits of its training, and its label counts)::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -454,6 +454,16 @@ def run_program(task: Task, client: Client, program: Program) -> ClientUpdate:
             task.return_model(program.models[name].arch, module)
 
 
+def at_round(program: Program, client: Client) -> Program:
+    """``program`` with each phase's learning rate decayed for the client's round
+    (``LocalSGD.lr_decay``; engine rounds are 1-based, so round 1 trains at ``lr``); the
+    program itself when no phase decays."""
+    if all(ph.local.lr_decay == 1 for ph in program.phases):
+        return program
+    phases = [replace(ph, local=ph.local.at_round(client.round - 1)) for ph in program.phases]
+    return replace(program, phases=phases)
+
+
 def run_client(algorithm: Any, task: Task, downlink: Payload, client: Client) -> ClientUpdate:
     """One client's round: the algorithm's program, run by the reference runner."""
-    return run_program(task, client, algorithm.client_program(task, downlink, client))
+    return run_program(task, client, at_round(algorithm.client_program(task, downlink, client), client))

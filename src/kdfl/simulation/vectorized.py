@@ -80,6 +80,7 @@ from kdfl.algorithms.program import (
     Program,
     Tracked,
     Trained,
+    at_round,
     run_program,
 )
 from kdfl.losses import Batch, Outputs
@@ -137,6 +138,8 @@ def _phase_key(ph: Phase, memo: dict[int, Any] | None) -> Hashable:
                            "dataclass)") from None
     if ph.local.optimizer != "sgd":
         raise _Unbatchable(f"optimizer {ph.local.optimizer!r} is not batched (only SGD)")
+    if ph.local.clip_grad_norm:
+        raise _Unbatchable("gradient-norm clipping (local.clip_grad_norm) is not batched")
     d = ph.data
     dkey = None if d is None else (tuple(d.x.shape[1:]), d.x.dtype, d.y is None,
                                    _tensors_key({k: v[:0] for k, v in d.targets.items()}))
@@ -278,7 +281,7 @@ class Vectorized:
         programs = []  # alive until the end of the grouping: ``memo`` keys are object ids
         for pos, (client, downlink) in enumerate(jobs):
             try:
-                program = algorithm.client_program(task, downlink, client)
+                program = at_round(algorithm.client_program(task, downlink, client), client)
             except Exception as e:
                 results[pos] = ClientFailure(client.id, f"{type(e).__name__}: {e}", traceback.format_exc())
                 continue
