@@ -154,14 +154,15 @@ def test_lr_decay_and_gradient_clipping_by_hand():
 
 
 def test_lr_decay_and_clipping_under_the_vectorized_executor():
-    # the decayed learning rate batches (one Phase value per round); clipping falls back to
-    # the reference runner; both give the sequential executor's updates
+    # the decayed learning rate (one Phase value per round) and the per-client clipping
+    # batch, and give the sequential executor's updates
     cfg = config_mod.load(None, ["data.name=digits", "data.num_clients=3", "model.arch=mlp:hidden=16",
                                  "local.epochs=1", "local.batch_size=32", "run.rounds=1", "local.lr=0.1",
                                  "local.lr_decay=0.5", "local.clip_grad_norm=0.5"])
     fed = experiment.build(cfg)
     engine = Engine(fed.algorithm, fed.task, fed.partitions, RunSettings(rounds=1))
     state = fed.algorithm.init(fed.task)
+    firsts = []
     for clip in (0.0, 0.5):
         alg = fed.algorithm.__class__(local=LocalSGD(epochs=1, batch_size=32, lr=0.1, lr_decay=0.5,
                                                      clip_grad_norm=clip))
@@ -170,7 +171,9 @@ def test_lr_decay_and_clipping_under_the_vectorized_executor():
         seq = Sequential().run(alg, fed.task, jobs)
         vec = Vectorized()
         out = vec.run(alg, fed.task, jobs)
-        assert (vec.batched > 0) == (clip == 0)
+        assert vec.batched == 3
         for a, b in zip(seq, out, strict=True):
             for k in a.payload:
                 torch.testing.assert_close(a.payload[k], b.payload[k], rtol=1e-4, atol=1e-6)
+        firsts.append(seq[0].payload["delta.classifier.weight"])
+    assert not torch.allclose(firsts[0], firsts[1])  # the clipping bit

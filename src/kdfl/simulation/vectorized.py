@@ -138,8 +138,6 @@ def _phase_key(ph: Phase, memo: dict[int, Any] | None) -> Hashable:
                            "dataclass)") from None
     if ph.local.optimizer != "sgd":
         raise _Unbatchable(f"optimizer {ph.local.optimizer!r} is not batched (only SGD)")
-    if ph.local.clip_grad_norm:
-        raise _Unbatchable("gradient-norm clipping (local.clip_grad_norm) is not batched")
     d = ph.data
     dkey = None if d is None else (tuple(d.x.shape[1:]), d.x.dtype, d.y is None,
                                    _tensors_key({k: v[:0] for k, v in d.targets.items()}))
@@ -532,7 +530,7 @@ class Vectorized:
         momentum: dict[str, dict[str, Tensor]] = {}
         losses: list[Tensor] = []
         steps = [len(it.batches[p]) for it in items]
-        lr, mom, wd = cfg.lr, cfg.momentum, cfg.weight_decay
+        lr, mom, wd, clip = cfg.lr, cfg.momentum, cfg.weight_decay, cfg.clip_grad_norm
         for t in range(steps[0] if steps else 0):
             active = sum(1 for s in steps if s > t)
             bidx = [items[i].batches[p][t] for i in range(active)]
@@ -562,6 +560,11 @@ class Vectorized:
             losses.append(loss.detach())
             with torch.no_grad():  # torch.optim.SGD (single-tensor path), on the stacked tensors
                 for mdl, names in trainable.items():
+                    if clip:  # torch.nn.utils.clip_grad_norm_ per client and model: coef = c / (norm + 1e-6), <= 1
+                        norm = torch.stack([grads[mdl][n].reshape(active, -1).norm(dim=1) for n in names]).norm(dim=0)
+                        coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+                        for n in names:
+                            grads[mdl][n] = grads[mdl][n] * coef.view(-1, *([1] * (grads[mdl][n].dim() - 1)))
                     for n in names:
                         d_p = grads[mdl][n]
                         if wd != 0:
