@@ -53,10 +53,14 @@ def outputs(t=T, s=S):
 
 def test_adaptive_mutual_loss_by_hand():
     out, batch = outputs()
-    base = LT + LS + A * (KL_ST + KL_TS)
+    # the references' nn.KLDivLoss() averages over the B·C = 2 elements: KL / 2
+    base = LT + LS + A * (KL_ST + KL_TS) / 2
     assert float(FedKDLoss(hidden=0.0)(out, batch, {})) == pytest.approx(base)
+    assert float(FedKDLoss(hidden=0.0, kl_reduction="batchmean")(out, batch, {})) == pytest.approx(
+        LT + LS + A * (KL_ST + KL_TS))
     assert float(FedKDLoss(hidden=1.0, project=True)(out, batch, {})) == pytest.approx(base + A * MSE)
     assert float(FedKDLoss(hidden=0.5, project=True)(out, batch, {})) == pytest.approx(base + 0.5 * A * MSE)
+    assert float(FedKDLoss(project=True)(out, batch, {})) == pytest.approx(base + 2 * A * MSE)  # hidden = 2
     # a = 1/(L_T + L_S) is differentiated through by default (the reference), not when detached
     grads = []
     for detach in (False, True):
@@ -66,6 +70,37 @@ def test_adaptive_mutual_loss_by_hand():
         grads.append(s.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
     assert FedKDLoss.per_sample_mean is False  # the vectorized executor never pads its batches
+
+
+def test_kl_is_the_references_nn_kldivloss():
+    from torch import nn
+    from torch.nn import functional as F
+
+    from kdfl.algorithms.fedkd import _kl
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    with pytest.warns(UserWarning):  # torch warns that "mean" divides by the classes too: the point here
+        ref = nn.KLDivLoss()(F.log_softmax(s, -1), F.softmax(t, -1))  # PFLlib clientkd.py: KL(input log p_S, target p_T)
+    torch.testing.assert_close(_kl(t, s), ref)
+    torch.testing.assert_close(_kl(t, s, "batchmean"), ref * 7)
+
+
+def test_a_perfectly_fitted_batch_keeps_a_finite_loss_and_gradient():
+    # both models put all mass on the label: both cross-entropies are 0 in float32, so
+    # 1/(L_T + L_S) is inf without eps (and inf * 0 = NaN)
+    t = torch.tensor([[200.0, -200.0]], requires_grad=True)
+    s = torch.tensor([[150.0, -150.0]], requires_grad=True)
+    out, batch = outputs(t, s)
+    assert float(F_ce(t.detach())) == 0.0 and float(F_ce(s.detach())) == 0.0
+    loss = FedKDLoss(project=True)(out, batch, {})
+    loss.backward()
+    assert math.isfinite(float(loss.detach())) and bool(torch.isfinite(t.grad).all() and torch.isfinite(s.grad).all())
+    assert not math.isfinite(float(FedKDLoss(hidden=0.0, eps=0.0)(*outputs(t.detach(), s.detach()), {})))
+
+
+def F_ce(logits):
+    return torch.nn.functional.cross_entropy(logits, Y)
 
 
 def test_compress_payload_bytes_and_round_trip():
@@ -101,7 +136,8 @@ def test_energy_schedule_follows_the_reference():
     assert alg.energy(0) == pytest.approx(0.95 + 0.003) and alg.energy(9) == pytest.approx(0.98)
     assert alg.energy(30) == pytest.approx(0.98)  # held at T_end after R rounds
     for bad in ({"energy_start": 0.0}, {"energy_rounds": 0}, {"hidden": -1.0}, {"weighting": "size"},
-                {"aggregator": "nope"}):
+                {"aggregator": "nope"}, {"kl_reduction": "sum"}, {"projection": "never"}, {"mentor_init": "x"},
+                {"eps": -1.0}, {"clip_grad_norm": -1.0}):
         with pytest.raises(KdflError):
             FedKD(**bad)
     with pytest.raises(KdflError, match="adapters"):
@@ -222,9 +258,11 @@ def test_svd_codec_serves_other_weight_sharing_algorithms():
     assert svd.records[-1]["accuracy"] > 0.3
 
 
-def test_projection_only_where_the_feature_widths_differ():
-    for mentor, proj in (("mlp:hidden=16", "linear:in_features=8,out_features=16"), ("", None)):
-        fed = federation(f"algorithm.mentor={mentor}")
+@pytest.mark.parametrize("projection", ["always", "width"])
+def test_projection_always_or_only_where_the_feature_widths_differ(projection):
+    same = "linear:in_features=8,out_features=8" if projection == "always" else None
+    for mentor, proj in (("mlp:hidden=16", "linear:in_features=8,out_features=16"), ("", same)):
+        fed = federation(f"algorithm.mentor={mentor}", f"algorithm.projection={projection}")
         task, alg = fed.task, fed.algorithm
         down = alg.configure(task, alg.init(task), ClientInfo(0, "mlp:hidden=8", 0))
         prog = alg.client_program(task, down, client(fed, 0))
@@ -232,6 +270,32 @@ def test_projection_only_where_the_feature_widths_differ():
         assert (prog.models[PROJ].arch if PROJ in prog.models else None) == proj
         assert prog.keep == ((MENTOR, PROJ) if proj else (MENTOR,))
         assert prog.phases[0].adapters == ((PROJ,) if proj else ())
+        assert prog.phases[0].local.clip_grad_norm == 10.0  # PFLlib's clipping, the default
+
+
+@pytest.mark.parametrize("init", ["mentee", "fresh"])
+def test_mentor_starts_from_the_mentees_initial_weights(init):
+    fed = federation(f"algorithm.mentor_init={init}")
+    task, alg = fed.task, fed.algorithm
+    state = alg.init(task)
+    for cid in (0, 3):
+        prog = alg.client_program(task, alg.configure(task, state, ClientInfo(cid, "mlp:hidden=8", 1)), client(fed, cid))
+        same = all(torch.equal(prog.models[MENTOR].weights[k], v) for k, v in state.params.items())
+        assert same == (init == "mentee")
+    other = federation("algorithm.mentor=mlp:hidden=16")  # another architecture: always fresh
+    prog = other.algorithm.client_program(other.task, other.algorithm.configure(
+        other.task, other.algorithm.init(other.task), ClientInfo(0, "mlp:hidden=8", 1)), client(other, 0))
+    assert prog.models[MENTOR].weights["body.1.weight"].shape == (16, 64)
+
+
+def test_reports_the_mentor_and_the_shared_mentee_on_each_clients_split(tmp_path):
+    cfg = config_mod.load(None, [*BASE, "run.rounds=2", "data.client_holdout=0.2"])
+    experiment.run(cfg, out=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 <= summary["client_mentee_accuracy_mean"] <= 1 and 0 <= summary["client_accuracy_mean"] <= 1
+    per = json.loads((tmp_path / "clients.json").read_text())["client_eval"]
+    assert len(per["mentee_accuracy"]) == len(per["accuracy"]) == 6
+    assert "test_mentee_accuracy" not in per  # the mentee on the test set is the run's test_accuracy
 
 
 def test_shipped_config_sends_at_most_0_3x_fedavgs_uplink():

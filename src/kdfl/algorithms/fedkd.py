@@ -15,14 +15,18 @@ Round r (0-based), as implemented:
   2. client: rebuilds the mentee (its last synced copy plus the missed global updates, in
      order: bit for bit the server's global mentee), and trains it together with its
      private mentor (kept across rounds, any architecture: ``mentor``, or the client's
-     own ``model.client_archs`` entry) on its private data with
+     own ``model.client_archs`` entry; before its first round the global mentee's initial
+     weights when it has the mentee's architecture, as PFLlib) on its private data with
      ``L_T + L_S + a·(KL(p_S‖p_T) + KL(p_T‖p_S)) + hidden·a·MSE(P(h_S), h_T)``:
-     L_T, L_S the two cross-entropies; ``a = 1/(L_T + L_S)`` the adaptive weight (not
-     detached, as in the reference; ``detach_weight`` detaches it); the KL terms with
-     targets not detached (each sends gradient into both models, as the reference); h the
-     models' features (the input of the last Linear) and P a learned linear projection of
-     the mentee's features to the mentor's width when they differ (kept with the mentor;
-     the reference declares such projections but never registers them, and needs none).
+     L_T, L_S the two cross-entropies; ``a = 1/(L_T + L_S + eps)`` the adaptive weight
+     (not detached, as in the references; ``detach_weight`` detaches it); the KL terms
+     with targets not detached (each sends gradient into both models, as the references)
+     and reduced as ``nn.KLDivLoss()`` by default (the mean over the B·C elements); h the
+     models' features (the input of the last Linear) and P a learned linear map of the
+     mentee's features to the mentor's width (kept with the mentor; PFLlib's ``W_h``,
+     learned also at equal widths; ``projection = "width"`` only where they differ);
+     hidden = 2, as both references count the term twice. Each model's gradient norm is
+     clipped to 10 per step (PFLlib).
   3. upload: the mentee's update (trained − synced copy), every weight matrix (a conv
      kernel viewed as (out, in·k·k)) as truncated SVD factors with energy ``T_r``
      (:class:`kdfl.compression.SVD`: the smallest rank keeping ``T_r`` of the energy, at
@@ -31,16 +35,24 @@ Round r (0-based), as implemented:
   4. server: rebuilds each update, averages them (uniformly over clients, the reference;
      ``weighting = "examples"`` weights by sample counts; ``aggregator`` any robust
      rule), factorises the average again with ``T_r`` (``compress_downlink``), and adds
-     the rebuilt factors to the global mentee. The evaluated global model is the mentee.
+     the rebuilt factors to the global mentee.
+
+Evaluated: the run's ``test_accuracy`` is the global mentee's (the server model); per
+client, ``accuracy`` is the client's mentor on its own held-out split (what both
+references report, and FedKD's headline: the authors' ``test()`` scores the local models,
+PFLlib's evaluation is its personalised one) and ``mentee_accuracy`` the shared mentee on
+the same split.
 
 What follows the reference: the two models trained jointly by one optimizer, a = 1/(L_T +
 L_S) not detached, two-way KL at temperature 1 with targets not detached, the schedule
 and its constants, the rank rule (fixed: at least rank 1, full rank allowed), uniform
-averaging, compression both ways, clients adding the averaged update to their synced copy.
-Ours: the KL is the batch mean of the per-sample KL (the reference's ``nn.KLDivLoss()``
-averages over classes too, a factor 1/C smaller); the hidden loss is the features' MSE
-(the reference pairs transformer layers and their attention maps) and is added once (the
-reference adds it twice, probably by accident); partial participation (the reference
+averaging, compression both ways, clients adding the averaged update to their synced copy,
+the KL's reduction, the hidden weight 2; from PFLlib (``system/flcore/clients/clientkd.py``
+@ d832e76) the learned map, the mentor's initial weights and the clipping at 10.
+Ours: ``eps`` in the adaptive weight (without it a batch both models fit exactly gives
+inf / NaN and costs the client its round); the hidden loss is the features' MSE (the
+authors pair transformer layers and their attention maps; PFLlib, as here, the features);
+the map has a bias (PFLlib's has none); partial participation (the reference
 runs 4 clients every round): a client that missed rounds receives every missed update,
 or dense weights when cheaper, so every client starts from the exact global mentee. (A
 lossy ``[compression] downlink`` codec on top, fp16 say, rounds the factors the clients
@@ -68,7 +80,7 @@ from kdfl.algorithms.kit.features import arch_feature_dim
 from kdfl.algorithms.program import DELTA, Custom, Model, Phase, Program, fresh_weights
 from kdfl.compression import FACTOR_SEP, SVD
 from kdfl.losses import Batch, Outputs
-from kdfl.train import LocalSGD
+from kdfl.train import LocalSGD, evaluate
 from kdfl.types import (
     Client,
     ClientInfo,
@@ -81,6 +93,7 @@ from kdfl.types import (
     ServerState,
     StateDict,
     Task,
+    TensorData,
 )
 
 MENTOR, MENTEE, PROJ = "mentor", "mentee", "proj"
@@ -150,37 +163,51 @@ def advance(weights_: StateDict, update: StateDict) -> StateDict:
 
 
 # ----------------------------------------------------------------------------- loss
-def _kl(target_logits: Tensor, logits: Tensor) -> Tensor:
-    """``KL(softmax(target) ‖ softmax(logits))``, batch mean, gradients into both."""
+KL_REDUCTIONS = ("mean", "batchmean")
+PROJECTIONS = ("always", "width")
+MENTOR_INITS = ("mentee", "fresh")
+
+
+def _kl(target_logits: Tensor, logits: Tensor, reduction: str = "mean") -> Tensor:
+    """``KL(softmax(target) ‖ softmax(logits))`` with gradients into both. ``"mean"``:
+    ``nn.KLDivLoss()``'s default, the mean over the B·C elements (the batch-mean KL / C,
+    both references); ``"batchmean"``: the mean over the batch of the per-sample KL."""
     log_q = F.log_softmax(target_logits, -1)
     log_p = F.log_softmax(logits, -1)
-    return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+    per = log_q.exp() * (log_q - log_p)  # (B, C)
+    return per.mean() if reduction == "mean" else per.sum(-1).mean()
 
 
 @dataclass(frozen=True)
 class FedKDLoss:
     """``L_T + L_S + a·(KL(p_S‖p_T) + KL(p_T‖p_S)) + hidden·a·MSE(P(h_S), h_T)`` with
-    ``a = 1/(L_T + L_S)`` (see the module docstring).
+    ``a = 1/(L_T + L_S + eps)`` (see the module docstring).
 
     Args:
         hidden: weight of the hidden-state MSE (0: off; then no features are needed).
         detach_weight: detach ``a`` (the reference backpropagates through it).
         project: the mentee's features go through the adapter ``proj`` first.
+        kl_reduction: "mean" (``nn.KLDivLoss()``'s default, the references) or "batchmean".
+        eps: added to ``L_T + L_S`` so that a batch both models fit perfectly (both losses
+            0 in float32) gives a finite weight (the references have none).
     """
 
-    hidden: float = 1.0
+    hidden: float = 2.0
     detach_weight: bool = False
     project: bool = False
+    kl_reduction: str = "mean"
+    eps: float = 1e-6
     per_sample_mean: ClassVar[bool] = False  # a depends on the whole batch: never padded
 
     def __call__(self, out: Outputs, batch: Batch, consts: Mapping[str, Any]) -> Tensor:
         assert batch.y is not None, "FedKD trains on labelled private data"
         t, s = out.logits(MENTOR), out.logits(MENTEE)
         lt, ls = F.cross_entropy(t, batch.y), F.cross_entropy(s, batch.y)
-        a = 1.0 / (lt + ls)
+        a = 1.0 / (lt + ls + self.eps)
         if self.detach_weight:
             a = a.detach()
-        total = lt + ls + a * (_kl(s, t) + _kl(t, s))
+        r = self.kl_reduction
+        total = lt + ls + a * (_kl(s, t, r) + _kl(t, s, r))
         if self.hidden:
             hs, ht = out.features(MENTEE), out.features(MENTOR)
             if self.project:
@@ -219,8 +246,22 @@ class FedKD:
             shared and evaluated model, is ``model.arch``.
         energy_start, energy_end: T_start and T_end of the energy threshold (0.95, 0.98).
         energy_rounds: R, the round at which T reaches T_end (set it to ``run.rounds``).
-        hidden: weight of the hidden-state MSE (0 turns it off).
-        detach_weight: detach the adaptive weight a = 1/(L_T + L_S).
+        hidden: weight of the hidden-state MSE (0 turns it off). 2: both references count
+            it twice (the authors' loss adds it twice; PFLlib puts it in both models'
+            losses and backpropagates both through all models).
+        detach_weight: detach the adaptive weight a = 1/(L_T + L_S + eps).
+        kl_reduction: "mean" (``nn.KLDivLoss()``'s default in both references: the
+            per-sample KL / C) or "batchmean" (the per-sample KL, C times stronger).
+        eps: added to L_T + L_S in the adaptive weight (finite on a perfectly fitted batch).
+        projection: "always": a learned linear map P of the mentee's features to the
+            mentor's width, also at equal widths (PFLlib's ``W_h``); "width": only where
+            the widths differ (the authors' models share one width and use none).
+        mentor_init: "mentee": a mentor of the mentee's architecture starts from the
+            global mentee's initial weights (PFLlib's deep copy of the initial model; the
+            authors' mentor and mentee load one checkpoint); "fresh": from the client's
+            own seed. A mentor of another architecture always starts fresh.
+        clip_grad_norm: clip each model's gradient norm to this per step (PFLlib: 10, "to
+            prevent divergency"); used when ``local.clip_grad_norm`` is 0; 0 = off.
         weighting: "uniform" (the reference) or "examples" (by sample counts).
         aggregator: rule for the rebuilt updates ("mean"; or "median", ...).
         compress_downlink: factorise the averaged update for the downlink too (the
@@ -232,8 +273,13 @@ class FedKD:
     energy_start: float = 0.95
     energy_end: float = 0.98
     energy_rounds: int = 20
-    hidden: float = 1.0
+    hidden: float = 2.0
     detach_weight: bool = False
+    kl_reduction: str = "mean"
+    eps: float = 1e-6
+    projection: str = "always"
+    mentor_init: str = "mentee"
+    clip_grad_norm: float = 10.0
     weighting: str = "uniform"
     aggregator: str = "mean"
     compress_downlink: bool = True
@@ -244,8 +290,14 @@ class FedKD:
                             f"{self.energy_end}")
         if self.energy_rounds < 1:
             raise KdflError(f"fedkd: energy_rounds must be >= 1 (set it to run.rounds), got {self.energy_rounds}")
-        if self.hidden < 0:
-            raise KdflError(f"fedkd: hidden must be >= 0, got {self.hidden}")
+        if self.hidden < 0 or self.eps < 0 or self.clip_grad_norm < 0:
+            raise KdflError(f"fedkd: hidden, eps and clip_grad_norm must be >= 0, got hidden={self.hidden}, "
+                            f"eps={self.eps}, clip_grad_norm={self.clip_grad_norm}")
+        for key, value, allowed in (("kl_reduction", self.kl_reduction, KL_REDUCTIONS),
+                                    ("projection", self.projection, PROJECTIONS),
+                                    ("mentor_init", self.mentor_init, MENTOR_INITS)):
+            if value not in allowed:
+                raise KdflError(f"fedkd: {key} must be one of {allowed}, got {value!r}")
         if self.weighting not in WEIGHTINGS:
             raise KdflError(f"fedkd: weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         weights.check_aggregator(self.aggregator)
@@ -326,22 +378,34 @@ class FedKD:
 
     def _projection(self, task: Task, mentor: str) -> str | None:
         ds, dt = arch_feature_dim(task, task.server_arch, "fedkd"), arch_feature_dim(task, mentor, "fedkd")
-        return None if ds == dt else f"linear:in_features={ds},out_features={dt}"
+        if ds == dt and self.projection == "width":
+            return None
+        return f"linear:in_features={ds},out_features={dt}"
 
     @functools.cached_property
     def _phases(self) -> dict[bool, Phase]:  # one Phase object per structure (executors group by it)
         feats = frozenset({"features"}) if self.hidden else frozenset()
-        return {p: Phase(FedKDLoss(self.hidden, self.detach_weight, p), self.local,
+        local = self.local
+        if not local.clip_grad_norm and self.clip_grad_norm:
+            local = replace(local, clip_grad_norm=self.clip_grad_norm)
+        return {p: Phase(FedKDLoss(self.hidden, self.detach_weight, p, self.kl_reduction, self.eps), local,
                          train=(MENTOR, MENTEE, PROJ) if p else (MENTOR, MENTEE),
                          adapters=(PROJ,) if p else (), outputs=feats)
                 for p in (False, True)}
+
+    def initial_mentor(self, task: Task, client: Client) -> StateDict:
+        """A client's mentor before its first round (see ``mentor_init``)."""
+        arch = self.mentor_arch(client)
+        if self.mentor_init == "mentee" and arch == task.server_arch:
+            return weights.init_params(task)  # the global mentee's initial weights W_0
+        return fresh_weights(task, client.id, arch)
 
     def client_program(self, task: Task, downlink: Payload, client: Client) -> Program:
         sync = self.mentee_weights(task, downlink, client)
         energy, at = float(downlink[ENERGY][0]), int(downlink[AT][0])
         mentor = self.mentor_arch(client)
         proj = self._projection(task, mentor) if self.hidden else None
-        models = {MENTOR: Model(mentor, client.kept(MENTOR) or fresh_weights(task, client.id, mentor)),
+        models = {MENTOR: Model(mentor, client.kept(MENTOR) or self.initial_mentor(task, client)),
                   MENTEE: Model(task.server_arch, sync)}
         if proj is not None:
             models[PROJ] = Model(proj, client.kept(PROJ) or fresh_weights(task, client.id, proj))
@@ -362,3 +426,18 @@ class FedKD:
         if kept is not None:
             return Model(self.mentor_arch(client), kept)
         return Model(task.server_arch, self.mentee_weights(task, downlink, client))
+
+    def client_eval_metrics(self, task: Task, downlink: Payload, client: Client, module: nn.Module,
+                            data: TensorData) -> dict[str, float]:
+        """``mentee_accuracy``: the shared global mentee on the client's own held-out split,
+        beside the mentor's ``accuracy`` (the model both references report: the authors'
+        ``test()`` and PFLlib's personalised evaluation). Not computed on the global test
+        set, where the mentee is the server model (``test_accuracy`` of the run)."""
+        if data is task.test or not len(data):
+            return {}
+        mentee = task.borrow_model(task.server_arch)
+        try:
+            mentee.load_state_dict(self.mentee_weights(task, downlink, client))
+            return {"mentee_accuracy": evaluate(mentee, data)["accuracy"]}
+        finally:
+            task.return_model(task.server_arch, mentee)
