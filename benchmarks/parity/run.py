@@ -1,0 +1,362 @@
+"""Parity runs: kdfl against PFLlib (TsingZ0/PFLlib) on the same inputs, side by side.
+
+    python benchmarks/parity/run.py --reference-dir DIR \\
+        --algorithms fedavg,fedprox,fedproto,fedgen,fedkd,fml
+
+``DIR`` is a local PFLlib checkout (never vendored here; its commit is read with ``git
+rev-parse HEAD``, or given with ``--reference-commit`` for an exported tree). For every
+algorithm and seed both sides get:
+
+- the same data and split: mnist1d (``data.num_samples`` 10,000, the package's own
+  train/test split; kdfl's 8,000-row training pool), 20 clients, Dirichlet(0.1) built by
+  kdfl for the seed, each client's rows split 75/25 into training and its own test split
+  (``data.client_holdout = 0.25``, PFLlib's ``train_ratio``), exported in PFLlib's format
+  (:mod:`pfllib`);
+- the same model and initial weights: kdfl's ``mlp:hidden=128``; PFLlib runs the same
+  layers (``shim/parity_models.py``) loaded with kdfl's initial global weights;
+- the same optimizer (plain SGD, no momentum, no weight decay), learning rate, batch size,
+  local epochs, full participation (all 20 clients every round; PFLlib's client sampling
+  is not seeded, so partial participation could not be matched) and rounds;
+- the same evaluation: PFLlib's ``Server.evaluate`` (correct predictions summed over every
+  client's own test split / their total size, each client with the model it holds). kdfl's
+  side is its per-client evaluation (``run.client_eval_every = 1``) on the same held-out
+  splits, each client's accuracy weighted by its split's size, which is that same ratio.
+
+PFLlib evaluates before each round (entry r = the model after r aggregations, r = 0..R);
+kdfl after each round (r = 1..R): the table aligns them on r.
+
+Verdict per algorithm: *parity* when |mean final accuracy (PFLlib) - mean final accuracy
+(kdfl)| is below the seeds' spread (the larger of the two sides' max - min of the final
+accuracy over the seeds); otherwise the difference, with the causes found by reading both
+sides (``NOTES``), which the report prints under the table.
+
+Results are cached in ``runs/parity/`` (gitignored): a finished side of a run is read back,
+not run again. The report goes to ``benchmarks/results/parity.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+import pfllib  # noqa: E402
+
+DATASET = "kdflmnist1d"  # no "MNIST" in it: PFLlib's main.py picks models by that substring
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One algorithm on both sides: PFLlib's ``-algo`` and extra flags, kdfl's overrides
+    (``{rounds}`` and ``{lr}`` are filled in), kdfl's per-client metric compared, what is
+    evaluated, and the differences found by reading both sides."""
+
+    pfllib: str
+    pfllib_flags: tuple[str, ...] = ()
+    kdfl: tuple[str, ...] = ()
+    metric: str = "accuracy"
+    evaluated: str = "the global model on every client's test split"
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+P = "PFLlib `system/flcore/"  # PFLlib paths below are relative to its system/flcore/
+COMMON_NOTES = (
+    f"{P}clients/clientbase.py:59`: the training loader drops the last incomplete batch "
+    "(`drop_last=True`); kdfl trains on it (`src/kdfl/train.py`, `batch_indices`). With batch 10 a client "
+    "of n rows takes floor(n/10) steps in PFLlib and ceil(n/10) in kdfl per epoch.",
+)
+
+SPECS: dict[str, Spec] = {
+    "fedavg": Spec("FedAvg", (), ('algorithm.name="fedavg"',), notes=COMMON_NOTES),
+    "fedprox": Spec("FedProx", ("-mu", "0.01"), ('algorithm.name="fedprox"', "algorithm.mu=0.01"),
+                    notes=COMMON_NOTES),
+    "fedproto": Spec(
+        "FedProto", ("-lam", "1.0"), ('algorithm.name="fedproto"', "algorithm.lam=1.0"), metric="proto_accuracy",
+        evaluated="each client's own model with nearest-global-prototype inference on its own test split "
+                  "(kdfl: `proto_accuracy`); round 1 in PFLlib already has prototypes, before them it scores 0",
+        notes=COMMON_NOTES + (
+            f"{P}clients/clientproto.py:56,67`: a client's uploaded prototypes are the means of the features of "
+            "the training forward passes of all local epochs (model in train mode, changing as it trains); "
+            f"`collect_protos` ({P}clients/clientproto.py:79`), which recomputes them after training, is never "
+            "called by `servers/serverproto.py`. kdfl computes them after training in eval mode "
+            "(`src/kdfl/algorithms/fedproto.py`, docstring: \"PFLlib does the same in collect_protos\", which "
+            "is not what PFLlib's server runs).",
+            "Personal models' initial weights: every PFLlib client copies the one `args.model` "
+            f"({P}clients/clientbase.py:19`), so all start from kdfl's initial global weights here; kdfl draws "
+            "a fresh initialisation per client (`fresh_weights(task, client.id, ...)`).",
+        )),
+    "fedgen": Spec(
+        "FedGen", ("-nd", "32", "-hd", "256", "-se", "50", "-glr", "0.0003"), ('algorithm.name="fedgen"',),
+        notes=COMMON_NOTES + (
+            f"{P}clients/clientgen.py:57-60`: PFLlib's client loss is CE(f(x), y) + CE(head(G(y')), y') with y' "
+            "drawn from all clients' labels: no teacher KL term, no alpha/beta weights and no decay of them; "
+            f"{P}servers/servergen.py:143-160`: the generator is trained on CE of the weighted clients' heads "
+            "only (no diversity loss), Adam, on batches of the local batch size. The FedGen paper and its "
+            "authors' code (zhuangdizhu/FedGen), which kdfl follows, have alpha*KL + beta*CE with decay and a "
+            "diversity term: this is PFLlib deviating from the paper, not kdfl.",
+        )),
+    "fedkd": Spec(
+        "FedKD", ("-mlr", "{lr}", "-Ts", "0.95", "-Te", "0.98"),
+        ('algorithm.name="fedkd"', "algorithm.energy_rounds={rounds}"),
+        evaluated="each client's mentor (its private model) on its own test split",
+        notes=COMMON_NOTES + (
+            f"{P}clients/clientkd.py:31,66-67`: `nn.KLDivLoss()` with its default reduction (mean over B*C), "
+            "divided by the non-detached CE_mentor + CE_mentee.",
+            f"{P}clients/clientkd.py:68-69,77-78`: the hidden loss MSE(rep_mentor, W_h(rep_mentee)) with a "
+            "learned W_h appears in both losses and both are back-propagated, so every term's gradient reaches "
+            "both models (also the KL targets, which are not detached).",
+            f"{P}clients/clientkd.py:80-82`: gradient norms clipped at 10; "
+            f"{P}clients/clientbase.py:19` + clientkd.py:16`: mentor and mentee start from the same weights "
+            "(here kdfl's initial global weights).",
+            f"{P}servers/serverkd.py:126`: uniform average of the clients' SVD-compressed mentees; energy "
+            f"T_start + (1+i)/R (T_end - T_start) ({P}servers/serverkd.py:60`).",
+        )),
+    "fml": Spec(
+        "FML", ("-al", "0.5", "-bt", "0.5"), ('algorithm.name="fml"', "algorithm.alpha=0.5", "algorithm.beta=0.5"),
+        evaluated="each client's personal (local) model on its own test split",
+        notes=COMMON_NOTES + (
+            f"{P}clients/clientfml.py:24,49-50`: `nn.KLDivLoss()` with its default reduction (mean over B*C, "
+            "1/C of a batch-mean KL), and the KL targets `F.softmax(output_g)` / `F.softmax(output)` are not "
+            "detached, so each model also gets the other loss's gradient (loss.backward then loss_g.backward, "
+            "lines 54-55).",
+            f"{P}clients/clientfml.py:57-58`: gradient norms clipped at 10.",
+            f"{P}servers/serverfml.py:96-98`: the meme is averaged uniformly (1/K), not by sample counts.",
+            "Personal models' initial weights: PFLlib's copy `args.model` (the global initial weights); kdfl's "
+            "are a fresh per-client draw.",
+        )),
+}
+
+
+def settings(args: argparse.Namespace) -> dict[str, object]:
+    return {"rounds": args.rounds, "lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
+            "hidden": args.hidden, "alpha": args.alpha, "clients": 20, "num_samples": 10000, "holdout": 0.25}
+
+
+def kdfl_overrides(spec: Spec, seed: int, s: dict[str, object]) -> list[str]:
+    return [
+        f"run.seed={seed}", f"run.rounds={s['rounds']}", "run.clients_per_round=0", "run.client_eval_every=1",
+        "run.threads=1", 'data.name="mnist1d"', f"data.num_samples={s['num_samples']}",
+        f"data.num_clients={s['clients']}", f"data.client_holdout={s['holdout']}", 'partition.name="dirichlet"',
+        f"partition.alpha={s['alpha']}", f'model.arch="mlp:hidden={s["hidden"]}"', f"local.epochs={s['epochs']}",
+        f"local.batch_size={s['batch_size']}", f"local.lr={s['lr']}", "local.momentum=0.0",
+        *(o.format(**s) for o in spec.kdfl),
+    ]
+
+
+def prepare(seed: int, s: dict[str, object], work: Path) -> tuple[Path, list[int]]:
+    """Export the seed's split in PFLlib's format and write the parity model's spec with
+    kdfl's initial global weights; returns (the PFLlib working root, test-split sizes)."""
+    import torch
+
+    from kdfl import config
+    from kdfl.algorithms.kit.weights import init_params
+    from kdfl.experiment import build
+
+    root = work / f"seed{seed}"
+    spec_path = root / "model.json"
+    sizes_path = root / "test_sizes.json"
+    if spec_path.is_file() and sizes_path.is_file():
+        return root, json.loads(sizes_path.read_text())
+    cfg = config.load(None, kdfl_overrides(SPECS["fedavg"], seed, s))
+    fed = build(cfg)
+    assert fed.holdouts is not None
+    train = fed.task.train
+    pfllib.export(train.x.numpy(), train.y.numpy(), fed.partitions, fed.holdouts, root / "dataset" / DATASET,
+                  fed.task.num_classes)
+    sys.path.insert(0, str(HERE / "shim"))
+    from parity_models import KDFL_TO_PFLLIB
+
+    init = init_params(fed.task)
+    torch.save({KDFL_TO_PFLLIB[k]: v.clone() for k, v in init.items()}, root / "init.pt")
+    in_dim = int(torch.tensor(fed.task.input_shape).prod())
+    spec_path.write_text(json.dumps({"in_dim": in_dim, "hidden": s["hidden"], "num_classes": fed.task.num_classes,
+                                     "init": str((root / "init.pt").resolve())}))
+    sizes = [len(h) for h in fed.holdouts]
+    # round 0 of PFLlib's record evaluates these weights on these splits: the same number
+    # on kdfl's side checks that data, split, model, weights and metric all agree
+    from kdfl.train import evaluate
+
+    model = fed.task.new_model()
+    model.load_state_dict(init)
+    accs = [evaluate(model, train.subset(torch.as_tensor(h, dtype=torch.long)))["accuracy"] for h in fed.holdouts]
+    (root / "init_accuracy.json").write_text(json.dumps(sum(a * n for a, n in zip(accs, sizes, strict=True)) / sum(sizes)))
+    sizes_path.write_text(json.dumps(sizes))
+    return root, sizes
+
+
+def run_reference(name: str, spec: Spec, seed: int, s: dict[str, object], root: Path, ref: Path) -> list[float]:
+    """PFLlib's per-round accuracy (r = 0..R) for one algorithm and seed."""
+    out = root / name
+    done = out / "curve.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    (out / "system").mkdir(parents=True, exist_ok=True)
+    dataset_link = out / "dataset"
+    if not dataset_link.exists():
+        dataset_link.symlink_to((root / "dataset").resolve())
+    flags = ["-data", DATASET, "-m", "CNN", "-ncl", "10", "-nc", str(s["clients"]), "-jr", "1.0",
+             "-gr", str(s["rounds"]), "-ls", str(s["epochs"]), "-lbs", str(s["batch_size"]), "-lr", str(s["lr"]),
+             "-dev", "cpu", "-t", "1", "-eg", "1", "-go", "parity", "-algo", spec.pfllib, *(f.format(**s) for f in spec.pfllib_flags)]
+    env = dict(os.environ, PARITY_MODEL=str((root / "model.json").resolve()), OMP_NUM_THREADS="1")
+    t0 = time.time()
+    proc = subprocess.run(pfllib.command(sys.executable, ref, flags), cwd=out / "system", env=env,
+                          capture_output=True, text=True)
+    (out / "stdout.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"PFLlib {spec.pfllib} seed {seed} failed (rc {proc.returncode}); see {out / 'stdout.txt'}:\n"
+                           + proc.stderr[-2000:])
+    curve = pfllib.read_curve(out / "results", DATASET, spec.pfllib, "parity")
+    logged = pfllib.parse_stdout(proc.stdout)
+    if [round(a, 4) for a in curve] != logged:
+        raise RuntimeError(f"PFLlib {spec.pfllib} seed {seed}: the saved record and the log disagree")
+    done.write_text(json.dumps(curve))
+    print(f"  PFLlib {spec.pfllib} seed {seed}: {len(curve)} evaluations, final {curve[-1]:.4f} "
+          f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return curve
+
+
+def run_kdfl(name: str, spec: Spec, seed: int, s: dict[str, object], root: Path, sizes: list[int]) -> list[float]:
+    """kdfl's per-round accuracy (r = 1..R): per-client held-out accuracy, size-weighted."""
+    import torch
+
+    from kdfl import config, experiment
+    from kdfl.report import read_run
+
+    out = root / name / "kdfl"
+    done = out / "curve.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    torch.set_num_threads(1)
+    cfg = config.load(None, kdfl_overrides(spec, seed, s))
+    t0 = time.time()
+    experiment.run(cfg, out / "run", overwrite=True)
+    records, _ = read_run(out / "run")
+    curve = []
+    for r in records:
+        per = r.get("client_eval")
+        if per is None:
+            continue
+        if spec.metric not in per:  # e.g. FedProto's nearest-prototype accuracy before any prototype
+            curve.append(0.0)
+            continue
+        n = [sizes[c] for c in per["clients"]]
+        curve.append(sum(a * k for a, k in zip(per[spec.metric], n, strict=True)) / sum(n))
+    done.write_text(json.dumps(curve))
+    print(f"  kdfl {name} seed {seed}: final {curve[-1]:.4f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return curve
+
+
+def verdict(ref: list[float], ours: list[float]) -> tuple[bool, str]:
+    mr, mk = statistics.mean(ref), statistics.mean(ours)
+    spread = max(max(ref) - min(ref), max(ours) - min(ours))
+    diff = mk - mr
+    ok = abs(diff) < spread
+    return ok, (f"final accuracy PFLlib {mr:.4f}, kdfl {mk:.4f} (mean over seeds), difference {diff:+.4f}; "
+                f"seeds' spread {spread:.4f}")
+
+
+def report(results: dict[str, dict[int, tuple[list[float], list[float]]]], s: dict[str, object], commit: str,
+           seeds: list[int], command: str, init0: dict[int, float]) -> str:
+    lines = [
+        "# Parity: kdfl against PFLlib",
+        "",
+        f"Reference: PFLlib (github.com/TsingZ0/PFLlib) at commit `{commit}`, run unchanged through",
+        "`benchmarks/parity/shim/` (stand-ins for uninstalled packages; the model replaced by the parity MLP",
+        "with kdfl's initial weights). Produced by:",
+        "",
+        f"    {command}",
+        "",
+        f"Federation: mnist1d, {s['clients']} clients, Dirichlet({s['alpha']}) from kdfl, 75/25 per-client "
+        f"train/test split; MLP 40-{s['hidden']}-10 from the same initial weights; plain SGD lr {s['lr']}, "
+        f"batch {s['batch_size']}, {s['epochs']} local epoch(s), all clients every round, {s['rounds']} rounds; "
+        f"seeds {', '.join(map(str, seeds))} (each seed: its own partition and initial weights). Accuracy: "
+        "correct predictions over all clients' own test splits / their size, each client with the model it holds.",
+        "",
+        "Verdict: *parity* when the mean final accuracies differ by less than the seeds' spread (the larger of "
+        "the two sides' max - min over seeds).",
+        "",
+    ]
+    for name, per_seed in results.items():
+        spec = SPECS[name]
+        refs = [per_seed[k][0][-1] for k in seeds]
+        ours = [per_seed[k][1][-1] for k in seeds]
+        ok, text = verdict(refs, ours)
+        lines += [f"## {name} (PFLlib `{spec.pfllib}`)", "", f"Evaluated: {spec.evaluated}.", "",
+                  f"**{'parity' if ok else 'no parity'}**: {text}.", ""]
+        r0 = "; ".join(f"seed {k}: PFLlib {per_seed[k][0][0]:.4f}, kdfl {init0[k]:.4f}" for k in seeds)
+        lines += [f"Round 0 (the shared initial weights, before any training): {r0}.", ""]
+        head = "| round | " + " | ".join(f"PFLlib s{k} | kdfl s{k}" for k in seeds) + " |"
+        lines += [head, "|" + "---|" * (1 + 2 * len(seeds))]
+        for r in range(1, int(s["rounds"]) + 1):
+            cells = []
+            for k in seeds:
+                ref, ours_c = per_seed[k]
+                cells += [f"{ref[r]:.4f}" if r < len(ref) else "—", f"{ours_c[r - 1]:.4f}" if r - 1 < len(ours_c) else "—"]
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if spec.notes:
+            lines += ["Differences found by reading both sides:", ""] + [f"- {n}" for n in spec.notes] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference-dir", type=Path, required=True, help="a PFLlib checkout (with system/main.py)")
+    p.add_argument("--reference-commit", default=None, help="its commit, when DIR is not a git work tree")
+    p.add_argument("--algorithms", default="fedavg,fedprox")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "parity")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "parity.md")
+    args = p.parse_args()
+    ref = args.reference_dir.resolve()
+    if not (ref / "system" / "main.py").is_file():
+        p.error(f"--reference-dir {ref}: no system/main.py there; pass a PFLlib checkout")
+    commit = pfllib.commit_of(ref) or args.reference_commit
+    if commit is None:
+        p.error(f"{ref} is not a git work tree: pass its commit with --reference-commit")
+    names = [a.strip().lower() for a in args.algorithms.split(",") if a.strip()]
+    unknown = [a for a in names if a not in SPECS]
+    if unknown:
+        p.error(f"unknown algorithm(s) {unknown}; available: {', '.join(SPECS)}")
+    seeds = [int(k) for k in args.seeds.split(",")]
+    s = settings(args)
+    tag = "_".join(f"{k}{v}" for k, v in s.items())
+    work = args.work / tag
+    results: dict[str, dict[int, tuple[list[float], list[float]]]] = {}
+    init0: dict[int, float] = {}
+    for name in names:
+        results[name] = {}
+        for seed in seeds:
+            root, sizes = prepare(seed, s, work)
+            init0[seed] = json.loads((root / "init_accuracy.json").read_text())
+            ref_curve = run_reference(name, SPECS[name], seed, s, root, ref)
+            ours = run_kdfl(name, SPECS[name], seed, s, root, sizes)
+            results[name][seed] = (ref_curve, ours)
+    command = "python benchmarks/parity/run.py " + " ".join(
+        a if not a.startswith("/") else "DIR" if Path(a).resolve() == ref else a for a in sys.argv[1:])
+    text = report(results, s, commit, seeds, command, init0)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
