@@ -12,41 +12,63 @@ Per batch (PFLlib ``system/flcore/clients/clientfml.py``)::
     L_meme  = β · CE(meme)  + (1 − β) · KL(p_local ‖ p_meme)
 
 Choices here (see :class:`FML`): the KL's target is detached (deep mutual learning; PFLlib
-backpropagates both losses through both models), it is the batch-mean KL (PFLlib's
-``nn.KLDivLoss()`` default also divides by the number of classes), with an optional
-temperature T (T²·KL of the softened distributions; T = 1, the paper's and PFLlib's
-form, is the default), and there is no gradient-norm clipping (PFLlib clips at 10).
+backpropagates both losses through both models); the KL is reduced as PFLlib's
+``nn.KLDivLoss()`` by default (the mean over the B·C elements, the batch-mean KL / C;
+``kl_reduction = "batchmean"`` for the per-sample KL), with an optional temperature T
+(T²·KL of the softened distributions; T = 1, the paper's and PFLlib's form, is the
+default); each model's gradient norm is clipped at 10 per step, as PFLlib
+(``system/flcore/clients/clientfml.py`` @ d832e76).
 Downlink: the global meme weights; upload: the meme's delta (FedAvg's payload).
+
+Evaluated: the run's ``test_accuracy`` is the global meme's; per client, ``accuracy`` is
+the client's personal (local) model on its own held-out split (PFLlib's personalised
+evaluation, the model FML is for) and ``meme_accuracy`` the shared meme on that split.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdfl.algorithms.fedavg import FedAvgState
 from kdfl.algorithms.kit import weights
 from kdfl.algorithms.program import Delta, Model, Phase, Program, fresh_weights
 from kdfl.losses import Batch, Outputs
-from kdfl.train import LocalSGD
-from kdfl.types import Client, ClientInfo, ClientUpdate, KdflError, Payload, RoundMetrics, ServerState, Task
+from kdfl.train import LocalSGD, evaluate
+from kdfl.types import (
+    Client,
+    ClientInfo,
+    ClientUpdate,
+    KdflError,
+    Payload,
+    RoundMetrics,
+    ServerState,
+    Task,
+    TensorData,
+)
 
 LOCAL = "local"  # the client's personal model (kept, any architecture)
 MEME = "meme"  # the shared model (the server's architecture, averaged)
 
 
-def kl_to(target_logits: Tensor, logits: Tensor, temperature: float) -> Tensor:
-    """``T²·KL(softmax(target/T) ‖ softmax(logits/T))``, batch mean; the target is
-    detached (written out so the vectorized executor's vmap batches it)."""
+KL_REDUCTIONS = ("mean", "batchmean")
+
+
+def kl_to(target_logits: Tensor, logits: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
+    """``T²·KL(softmax(target/T) ‖ softmax(logits/T))``; the target is detached (written
+    out so the vectorized executor's vmap batches it). ``"batchmean"``: the batch mean of
+    the per-sample KL; ``"mean"``: ``nn.KLDivLoss()``'s default, the mean over the B·C
+    elements (1/C of it)."""
     t = temperature
     log_q = F.log_softmax(target_logits.detach() / t, -1)
     log_p = F.log_softmax(logits / t, -1)
-    return (log_q.exp() * (log_q - log_p)).sum(-1).mean() * (t * t)
+    per = log_q.exp() * (log_q - log_p)  # (B, C)
+    return (per.mean() if reduction == "mean" else per.sum(-1).mean()) * (t * t)
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,7 @@ class MutualLoss:
     alpha: float = 0.5
     beta: float = 0.5
     temperature: float = 1.0
+    kl_reduction: str = "mean"
 
     def __call__(self, out: Outputs, batch: Batch, consts: Mapping[str, Any]) -> Tensor:
         assert batch.y is not None, "FML trains on labelled (private) data"
@@ -72,11 +95,11 @@ class MutualLoss:
         if self.alpha:
             terms.append(self.alpha * F.cross_entropy(local, batch.y))
         if self.alpha != 1:
-            terms.append((1 - self.alpha) * kl_to(meme, local, self.temperature))
+            terms.append((1 - self.alpha) * kl_to(meme, local, self.temperature, self.kl_reduction))
         if self.beta:
             terms.append(self.beta * F.cross_entropy(meme, batch.y))
         if self.beta != 1:
-            terms.append((1 - self.beta) * kl_to(local, meme, self.temperature))
+            terms.append((1 - self.beta) * kl_to(local, meme, self.temperature, self.kl_reduction))
         total = terms[0]
         for t in terms[1:]:
             total = total + t
@@ -95,6 +118,10 @@ class FML:
             PFLlib takes both as arguments). With α = β = 1 the meme's training and the
             server's update are FedAvg's.
         temperature: T of the mutual KL terms (T²·KL); 1 = the paper's plain KL.
+        kl_reduction: "mean" (PFLlib's ``nn.KLDivLoss()``: the per-sample KL / C) or
+            "batchmean" (the per-sample KL).
+        clip_grad_norm: clip each model's gradient norm to this per step (PFLlib: 10);
+            used when ``local.clip_grad_norm`` is 0; 0 = off.
         aggregator: rule for the meme deltas, as FedAvg's ("mean" = FedAvg).
     """
 
@@ -102,6 +129,8 @@ class FML:
     alpha: float = 0.5
     beta: float = 0.5
     temperature: float = 1.0
+    kl_reduction: str = "mean"
+    clip_grad_norm: float = 10.0
     aggregator: str = "mean"
 
     def __post_init__(self) -> None:
@@ -109,11 +138,17 @@ class FML:
             raise KdflError(f"fml: alpha and beta must be in [0, 1], got alpha={self.alpha}, beta={self.beta}")
         if self.temperature <= 0:
             raise KdflError(f"fml: temperature must be > 0, got {self.temperature}")
+        if self.kl_reduction not in KL_REDUCTIONS or self.clip_grad_norm < 0:
+            raise KdflError(f"fml: kl_reduction must be one of {KL_REDUCTIONS} and clip_grad_norm >= 0, got "
+                            f"{self.kl_reduction!r}, {self.clip_grad_norm}")
         weights.check_aggregator(self.aggregator)
 
     @functools.cached_property
     def _phase(self) -> Phase:  # one Phase object for every client (executors group by it)
-        return Phase(MutualLoss(self.alpha, self.beta, self.temperature), self.local, train=(LOCAL, MEME))
+        local = self.local
+        if not local.clip_grad_norm and self.clip_grad_norm:
+            local = replace(local, clip_grad_norm=self.clip_grad_norm)
+        return Phase(MutualLoss(self.alpha, self.beta, self.temperature, self.kl_reduction), local, train=(LOCAL, MEME))
 
     # -- server ------------------------------------------------------------------------
     def init(self, task: Task) -> FedAvgState:
@@ -139,6 +174,20 @@ class FML:
     def client_model(self, task: Task, downlink: Payload, client: Client) -> Model:
         """Per-client metrics: the personal (local) model."""
         return self.local_model(task, client)
+
+    def client_eval_metrics(self, task: Task, downlink: Payload, client: Client, module: nn.Module,
+                            data: TensorData) -> dict[str, float]:
+        """``meme_accuracy``: the shared global meme on the client's own held-out split,
+        beside the personal model's ``accuracy`` (not on the global test set, where the
+        meme is the server model: the run's ``test_accuracy``)."""
+        if data is task.test or not len(data):
+            return {}
+        meme = task.borrow_model(task.server_arch)
+        try:
+            meme.load_state_dict(downlink)
+            return {"meme_accuracy": evaluate(meme, data)["accuracy"]}
+        finally:
+            task.return_model(task.server_arch, meme)
 
     def client_program(self, task: Task, downlink: Payload, client: Client) -> Program:
         return Program(models={LOCAL: self.local_model(task, client), MEME: Model(task.server_arch, downlink)},
