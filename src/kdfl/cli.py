@@ -1,4 +1,4 @@
-"""The ``kdfl`` command: run, sweep, list, report."""
+"""The ``kdfl`` command: run, sweep, list, partition, report."""
 
 from __future__ import annotations
 
@@ -155,6 +155,24 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from kdfl import config
+    from kdfl.data.partition_file import SUFFIXES, export, write_partition
+
+    if Path(args.out).suffix.lower() not in SUFFIXES:  # before the data set is loaded
+        raise KdflError(f"--out {args.out!r} must end in .json or .npz (the partition file's format)")
+    cfg = config.load(args.config, args.set or [])
+    split = export(cfg)
+    path = write_partition(split, args.out)
+    held = sum(len(h) for h in split["holdout"]) if split["holdout"] is not None else 0
+    print(f"wrote {path}: {split['num_clients']} clients holding {sum(len(c) for c in split['clients'])} training "
+          f"rows ({held} more held out) of the {split['num_train']} of {split['dataset']!r}; {len(split['proxy'])} "
+          f"proxy rows, {len(split['val'])} validation rows, {len(split['test'])} test rows; seed {split['seed']}, "
+          f"config digest {split['config_sha256'][:12]}")
+    print(f'run it with: --set partition.name=file --set partition.path={path}')
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -194,6 +212,11 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--input-shape", help="input shape for model parameter counts, e.g. 3,32,32")
     ls.add_argument("--classes", type=int, default=10)
     ls.set_defaults(fn=_cmd_list)
+    pa = sub.add_parser("partition", help="write the split a config produces (client, proxy, validation, test rows)")
+    pa.add_argument("config", nargs="?", help="config file (configs/*.toml); defaults apply to missing keys")
+    pa.add_argument("--out", required=True, metavar="FILE", help="the partition file to write: .json or .npz")
+    pa.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    pa.set_defaults(fn=_cmd_partition)
     rep = sub.add_parser("report", help="plots and a Markdown table for one or more run directories")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", metavar="DIR", help="where to write (default: the first run directory)")

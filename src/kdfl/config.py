@@ -9,8 +9,9 @@ Sections and their keys::
     [data]       name, data_dir, num_clients, proxy, proxy_size, val_size, client_holdout
                  (share of each client's data held out for per-client accuracy), pool_size and
                  test_size (random subsets of the clients' pool and of the test set; 0 = all),
-                 + data set options
-    [partition]  name, + partition parameters (alpha, min_size, classes_per_client, ...)
+                 + data set options (name = "npz": path, num_classes)
+    [partition]  name, + partition parameters (alpha, min_size, classes_per_client, ...);
+                 name = "file" with path = a .json / .npz partition file (``kdfl partition``)
     [model]      arch, client_archs, assign
     [local]      epochs, steps, batch_size, lr, momentum, weight_decay, optimizer
     [algorithm]  name (a registry key or "package.module:ClassName"), + the algorithm's
@@ -216,6 +217,7 @@ def validate(raw: dict[str, Any]) -> Config:
     from kdfl.algorithms import build_algorithm
     from kdfl.attacks import ATTACKS
     from kdfl.data import DATASETS, PARTITIONS
+    from kdfl.data.partition import FILE_PARAMS
 
     for section, value in raw.items():
         if section not in DEFAULTS:
@@ -242,8 +244,10 @@ def validate(raw: dict[str, Any]) -> Config:
     for direction in ("uplink", "downlink"):
         codec_of(cfg["compression"][direction])  # unknown codec -> error naming the choices
     _named(cfg, "data", DATASETS, "data set", _DATA_FIXED, lambda spec: {k: Any for k in spec.options})
-    _named(cfg, "partition", {**PARTITIONS, "natural": None}, "partition", {},
-           lambda fn: {} if fn is None else function_hints(fn, {"labels", "num_clients", "rng"}))
+    _named(cfg, "partition", {**PARTITIONS, "natural": None, "file": FILE_PARAMS}, "partition", {},
+           lambda fn: {} if fn is None else dict(fn) if isinstance(fn, dict)
+           else function_hints(fn, {"labels", "num_clients", "rng"}))
+    _check_paths(cfg)
     _validate_algorithm(cfg)
     # the algorithm checks its own hyperparameters' ranges (mu >= 0, momentum in [0, 1), ...)
     algorithm = build_algorithm(cfg["algorithm"]["name"], local,
@@ -265,6 +269,29 @@ def validate(raw: dict[str, Any]) -> Config:
     if not 0 <= cfg["attack"]["fraction"] < 0.5:
         raise KdflError(f"attack.fraction must be in [0, 0.5), got {cfg['attack']['fraction']}")
     return cfg
+
+
+def _check_paths(cfg: Config) -> None:
+    """The files a config names: ``partition.path`` (partition.name = "file") and
+    ``data.path`` (data.name = "npz") are required and must exist (relative paths are read
+    from the working directory); their content is checked when the run is built."""
+    for section, owner, suffixes, what in (
+        ("partition", "file", (".json", ".npz"), "a .json or .npz file of per-client row indices, e.g. written by "
+                                                 "`kdfl partition CONFIG --out p.json`"),
+        ("data", "npz", (), "an .npz file of arrays (x_train, y_train, x_test, y_test) or a PFLlib data set "
+                           "directory (train/<i>.npz, test/<i>.npz)"),
+    ):
+        if cfg[section]["name"] != owner:
+            continue
+        path = cfg[section].get("path", "")
+        if not isinstance(path, str) or not path:
+            raise KdflError(f"config key '{section}.path' is required with {section}.name = {owner!r}: {what}")
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise KdflError(f"config key '{section}.path': {path!r} does not exist (relative paths are read from the "
+                            f"working directory); it must be {what}")
+        if suffixes and p.suffix.lower() not in suffixes:
+            raise KdflError(f"config key '{section}.path' must end in {' or '.join(suffixes)}, got {path!r}")
 
 
 def _validate_privacy(cfg: Config, raw: dict[str, Any], algorithm: Any) -> None:

@@ -50,23 +50,14 @@ def build(cfg: Config) -> Federation:
     from kdfl import models
     from kdfl.algorithms import build_algorithm
     from kdfl.attacks import choose_malicious
-    from kdfl.data import hold_out, label_counts, load, make_partition, make_splits
+    from kdfl.data import label_counts, split_config
 
-    run, data, part = cfg["run"], cfg["data"], cfg["partition"]
+    run, data = cfg["run"], cfg["data"]
     seed = run["seed"]
-    data_dir = data["data_dir"] or None
-    options = {k: v for k, v in data.items() if k not in config_mod._DATA_FIXED}
-    bundle = load(data["name"], data_dir=data_dir, **options)
-    splits = make_splits(
-        bundle, proxy=data["proxy"], proxy_size=data["proxy_size"], val_size=data["val_size"], seed=seed,
-        data_dir=data_dir, pool_size=data["pool_size"], test_size=data["test_size"],
-    )
-    params = {k: v for k, v in part.items() if k != "name"}
+    # data, server splits, partition (or a partition file) and held-out rows: shared with `kdfl partition`
+    fed_data = split_config(cfg)
+    bundle, splits, parts, holdouts = fed_data.bundle, fed_data.splits, fed_data.parts, fed_data.holdouts
     labels = splits.train.y.numpy()
-    parts = make_partition(part["name"], labels, data["num_clients"], seed, natural=splits.natural_partition, **params)
-    holdouts = None
-    if data["client_holdout"] > 0:
-        parts, holdouts = hold_out(labels, parts, data["client_holdout"], seed)
 
     mcfg = cfg["model"]
     archs = assign_archs(data["num_clients"], mcfg["arch"], list(mcfg["client_archs"]), mcfg["assign"])

@@ -13,7 +13,8 @@ from kdfl.data.partition import (
     quantity_skew,
     shards,
 )
-from kdfl.data.proxy import Splits, make_splits
+from kdfl.data.partition_file import export, read_partition, split_config, write_partition
+from kdfl.data.proxy import FixedRows, Splits, make_splits
 
 __all__ = [
     "CHECKSUMS",
@@ -21,9 +22,11 @@ __all__ = [
     "PARTITIONS",
     "DataBundle",
     "DatasetSpec",
+    "FixedRows",
     "Splits",
     "cache_dir",
     "dirichlet",
+    "export",
     "format_label_table",
     "hold_out",
     "iid",
@@ -33,5 +36,8 @@ __all__ = [
     "make_splits",
     "partition_params",
     "quantity_skew",
+    "read_partition",
     "shards",
+    "split_config",
+    "write_partition",
 ]

@@ -1,4 +1,4 @@
-"""Data sets as in-memory tensors: digits, mnist1d, synthetic, CIFAR-10/100, Fashion-MNIST.
+"""Data sets as in-memory tensors: digits, mnist1d, synthetic, CIFAR-10/100, Fashion-MNIST, npz.
 
 ``load(name, **options)`` returns a :class:`DataBundle` whose ``train``/``test`` hold
 float32 inputs of shape ``(n, *input_shape)`` and int64 labels.
@@ -14,6 +14,12 @@ float32 inputs of shape ``(n, *input_shape)`` and int64 labels.
   (``/usr/share/datasets/fashion-mnist``, searched last; ``apt-get install
   dataset-fashion-mnist`` as root): Debian recompressed the archives, so a file whose
   archive MD5 differs is accepted when its decompressed content has the official MD5.
+- ``npz`` reads arrays prepared elsewhere (another FL library's split, a private data
+  set): one ``.npz`` file with ``x_train``, ``y_train``, ``x_test``, ``y_test`` and/or
+  per-client ``x_train_<i>``/``y_train_<i>``/``x_test_<i>``/``y_test_<i>``, or a
+  directory in PFLlib's layout (``train/<i>.npz``, ``test/<i>.npz``). Per-client
+  training arrays give a natural partition (``partition.name = "natural"``), per-client
+  test arrays the clients' held-out rows. See ``docs/partitions-and-data.md``.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import math
 import os
 import pickle
 import random
+import re
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +47,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from kdfl.registry import Registry, default_options
+from kdfl.registry import Registry, default_options, is_int
 from kdfl.types import KdflError, TensorData
 
 log = logging.getLogger(__name__)
@@ -91,7 +99,10 @@ class DataBundle:
         num_classes: C.
         input_shape: shape of one input, e.g. (1, 8, 8).
         natural_partition: per-device indices into ``train`` when the data set has a
-            natural split (synthetic), else None.
+            natural split (synthetic, per-client npz arrays), else None.
+        natural_holdout: per-device held-out rows of ``train`` (a data set's own
+            per-client test arrays), used with the natural split, else None. These rows
+            are never drawn into the pool, the proxy or the validation slice otherwise.
     """
 
     name: str
@@ -100,6 +111,7 @@ class DataBundle:
     num_classes: int
     input_shape: tuple[int, ...]
     natural_partition: list[np.ndarray] | None = None
+    natural_holdout: list[np.ndarray] | None = None
 
 
 class DatasetSpec(NamedTuple):
@@ -121,12 +133,13 @@ def cache_dir(data_dir: str | Path | None = None) -> Path:
 
 
 def _bundle(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
-            num_classes: int, natural: list[np.ndarray] | None = None) -> DataBundle:
+            num_classes: int, natural: list[np.ndarray] | None = None,
+            natural_holdout: list[np.ndarray] | None = None) -> DataBundle:
     train = TensorData(torch.from_numpy(np.ascontiguousarray(xtr, dtype=np.float32)),
                        torch.from_numpy(np.asarray(ytr, dtype=np.int64)))
     test = TensorData(torch.from_numpy(np.ascontiguousarray(xte, dtype=np.float32)),
                       torch.from_numpy(np.asarray(yte, dtype=np.int64)))
-    return DataBundle(name, train, test, num_classes, tuple(xtr.shape[1:]), natural)
+    return DataBundle(name, train, test, num_classes, tuple(xtr.shape[1:]), natural, natural_holdout)
 
 
 # --------------------------------------------------------------------------- digits
@@ -499,6 +512,217 @@ def _load_fashion_mnist(root: Path, download: bool, verify_checksum: bool = True
     return _bundle("fashion_mnist", xtr, ytr.astype(np.int64), xte, yte.astype(np.int64), 10)
 
 
+
+# -------------------------------------------------------------------------- npz
+
+
+_CLIENT_KEY = re.compile(r"^(x|y)_(train|test)_(\d+)$")
+
+
+def _load_npz(root: Path, download: bool, path: str = "", num_classes: int = 0) -> DataBundle:
+    """Arrays prepared elsewhere: an ``.npz`` file or a PFLlib data set directory.
+
+    Args:
+        root: unused (``path`` names the data, relative to the working directory).
+        download: unused.
+        path: the ``.npz`` file, or a directory holding ``train/<i>.npz`` and
+            ``test/<i>.npz`` (PFLlib's layout; each holds ``x`` and ``y`` arrays, or
+            PFLlib's pickled ``data`` dict of them, read without running any code).
+        num_classes: C; 0 = one more than the largest label.
+
+    Raises:
+        KdflError: missing path, file or array; unreadable file; arrays whose shapes,
+            dtypes or lengths disagree; labels outside ``[0, num_classes)``; NaN inputs.
+    """
+    if not path:
+        raise KdflError("data.name = 'npz' needs data.path: an .npz file with arrays x_train, y_train, x_test, "
+                        "y_test (or per-client x_train_<i>, y_train_<i>, x_test_<i>, y_test_<i>), or a PFLlib "
+                        "data set directory holding train/<i>.npz and test/<i>.npz")
+    src = Path(path).expanduser()
+    if not src.exists():
+        raise KdflError(f"data.path {str(src)!r} does not exist (data.name = 'npz'; a relative path is read "
+                        f"from the working directory {os.getcwd()})")
+    if src.is_dir():
+        arrays = _read_client_dir(src)
+    else:
+        arrays = _flatten(_read_npz_file(src))
+    if not is_int(num_classes) or int(num_classes) < 0:
+        raise KdflError(f"npz: data.num_classes must be an integer >= 0 (0 = largest label + 1), got {num_classes!r}")
+    return _npz_bundle(str(src), arrays, int(num_classes))
+
+
+def _read_npz_file(path: Path) -> dict[str, Any]:
+    """Every array of an ``.npz``; object arrays (pickles) are read by the restricted
+    unpickler, so a file can hold PFLlib's ``data = {"x": ..., "y": ...}`` but no code."""
+    out: dict[str, Any] = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for member in z.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with z.open(member) as f:
+                    out[member[:-4]] = _read_npy(f)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error, pickle.UnpicklingError, KeyError,
+            TypeError, IndexError, AttributeError, LookupError, OverflowError, MemoryError, RecursionError) as e:
+        raise KdflError(f"npz: {path} is not a readable .npz file ({type(e).__name__}: {e}); write it with "
+                        "numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)") from None
+    if not out:
+        raise KdflError(f"npz: {path} holds no arrays")
+    return out
+
+
+def _read_npy(f: Any) -> Any:
+    try:
+        return np.lib.format.read_array(f, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise
+    f.seek(0)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        np.lib.format.read_array_header_1_0(f)
+    else:
+        np.lib.format.read_array_header_2_0(f)
+    try:
+        value = _ArrayUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # a corrupt pickle raises any type
+        raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from e
+    if isinstance(value, np.ndarray) and value.dtype == object and value.shape == ():
+        value = value.item()  # np.savez(f, data={...}) stores the dict as a 0-d object array
+    return value
+
+
+def _flatten(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``{"data": {"x": X, "y": Y}}`` -> ``{"x": X, "y": Y}``; every value an array."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        if isinstance(value, dict):
+            out.update(_flatten({str(k): v for k, v in value.items()}))
+        elif isinstance(value, np.ndarray) and value.dtype != object:
+            out[key] = value
+        else:
+            raise KdflError(f"npz: array {key!r} holds {type(value).__name__} "
+                            f"{getattr(value, 'dtype', '')}, not a numeric array")
+    return out
+
+
+def _read_client_dir(root: Path) -> dict[str, np.ndarray]:
+    """PFLlib's layout: ``train/<i>.npz`` and ``test/<i>.npz`` with ``x`` and ``y``."""
+    out: dict[str, np.ndarray] = {}
+    for split in ("train", "test"):
+        folder = root / split
+        files = sorted((p for p in folder.glob("*.npz") if p.stem.isdigit()), key=lambda p: int(p.stem)) \
+            if folder.is_dir() else []
+        if not files:
+            raise KdflError(f"npz: {root} is a directory but {folder} holds no <client>.npz files; give data.path "
+                            "a PFLlib data set directory (train/0.npz, ..., test/0.npz, ...) or an .npz file")
+        if [int(p.stem) for p in files] != list(range(len(files))):
+            raise KdflError(f"npz: the files in {folder} must be numbered 0.npz ... {len(files) - 1}.npz without gaps, "
+                            f"found {', '.join(p.name for p in files[:8])}")
+        for p in files:
+            arrays = _flatten(_read_npz_file(p))
+            for a in ("x", "y"):
+                if a not in arrays:
+                    raise KdflError(f"npz: {p} has no array {a!r} (found {', '.join(sorted(arrays))}); each client "
+                                    "file holds x and y")
+                out[f"{a}_{split}_{p.stem}"] = arrays[a]
+    return out
+
+
+def _npz_bundle(source: str, a: dict[str, np.ndarray], num_classes: int) -> DataBundle:
+    clients: dict[str, dict[int, dict[str, np.ndarray]]] = {"train": {}, "test": {}}
+    for key, value in a.items():
+        m = _CLIENT_KEY.match(key)
+        if m:
+            clients[m.group(2)].setdefault(int(m.group(3)), {})[m.group(1)] = value
+    for split, per in clients.items():
+        if per and sorted(per) != list(range(len(per))):
+            raise KdflError(f"npz: {source}: per-client arrays x_{split}_<i> must be numbered 0 ... {len(per) - 1} "
+                            f"without gaps, found clients {sorted(per)[:8]}")
+        for i, xy in per.items():
+            for k in ("x", "y"):
+                if k not in xy:
+                    raise KdflError(f"npz: {source} has {next(iter(xy))}_{split}_{i} but no {k}_{split}_{i}")
+    have = set(a)
+    if clients["train"] and ({"x_train", "y_train"} & have):
+        raise KdflError(f"npz: {source} has both x_train/y_train and per-client x_train_<i>: keep one of them")
+    if not clients["train"]:
+        missing = [k for k in ("x_train", "y_train") if k not in have]
+        if missing:
+            raise KdflError(f"npz: {source} has no array {', '.join(missing)} (found {', '.join(sorted(have))}); "
+                            "it needs x_train, y_train, x_test, y_test, or per-client x_train_<i>, y_train_<i>")
+    if not clients["test"] or ({"x_test", "y_test"} & have):
+        missing = [k for k in ("x_test", "y_test") if k not in have]
+        if missing:
+            raise KdflError(f"npz: {source} has no array {', '.join(missing)} (found {', '.join(sorted(have))}); "
+                            "give the test set as x_test, y_test or as per-client x_test_<i>, y_test_<i>")
+    if clients["train"] and clients["test"] and len(clients["test"]) != len(clients["train"]):
+        raise KdflError(f"npz: {source} has per-client training arrays for {len(clients['train'])} clients but "
+                        f"test arrays for {len(clients['test'])}: give one of each per client")
+
+    def pair(x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or x.ndim < 2:
+            raise KdflError(f"npz: {source}: x_{name} must be a numeric array (n, *input_shape), got shape "
+                            f"{x.shape} dtype {x.dtype}")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise KdflError(f"npz: {source}: y_{name} must be a 1-D integer array of labels, got shape {y.shape} "
+                            f"dtype {y.dtype}")
+        if len(x) != len(y):
+            raise KdflError(f"npz: {source}: x_{name} has {len(x)} rows but y_{name} has {len(y)} labels")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise KdflError(f"npz: {source}: x_{name} holds NaN or infinite values")
+        return x, y.astype(np.int64)
+
+    natural = holdout = None
+    if clients["train"]:
+        tr = [pair(c["x"], c["y"], f"train_{i}") for i, c in sorted(clients["train"].items())]
+        xtr, ytr = _concat([x for x, _ in tr]), np.concatenate([y for _, y in tr])
+        sizes = [len(y) for _, y in tr]
+        natural = np.split(np.arange(len(ytr), dtype=np.int64), np.cumsum(sizes)[:-1])
+    else:
+        xtr, ytr = pair(a["x_train"], a["y_train"], "train")
+    te: list[tuple[np.ndarray, np.ndarray]] = []
+    if clients["test"]:
+        te = [pair(c["x"], c["y"], f"test_{i}") for i, c in sorted(clients["test"].items())]
+    if "x_test" in have or "y_test" in have:
+        xte, yte = pair(a.get("x_test", np.zeros(0)), a.get("y_test", np.zeros(0)), "test")
+    else:
+        xte, yte = _concat([x for x, _ in te]), np.concatenate([y for _, y in te])
+    if clients["train"] and clients["test"]:
+        # Each client's test rows join the training array (after all training rows) as its
+        # held-out rows: per-client accuracy is then measured on exactly those rows.
+        start, holdout = len(ytr), []
+        for _, y in te:
+            holdout.append(np.arange(start, start + len(y), dtype=np.int64))
+            start += len(y)
+        xtr = _concat([xtr, *(x for x, _ in te)])
+        ytr = np.concatenate([ytr, *(y for _, y in te)])
+    shapes = {tuple(xtr.shape[1:]), tuple(xte.shape[1:])}
+    if len(shapes) > 1:
+        raise KdflError(f"npz: {source}: training inputs have shape {xtr.shape[1:]} but test inputs {xte.shape[1:]}")
+    labels = np.concatenate([ytr, yte])
+    top = int(labels.max()) if len(labels) else -1
+    if len(labels) and labels.min() < 0:
+        raise KdflError(f"npz: {source}: label {int(labels.min())} is negative; labels must be 0 ... C-1")
+    if num_classes and top >= num_classes:
+        raise KdflError(f"npz: {source}: label {top} is out of range for data.num_classes = {num_classes}; "
+                        f"labels must be in [0, {num_classes}) (set data.num_classes = {top + 1}, or 0 to infer it)")
+    classes = num_classes or top + 1
+    if classes < 2:
+        raise KdflError(f"npz: {source}: {classes} class(es) found; a classification task needs at least 2 "
+                        "(set data.num_classes)")
+    if len(ytr) == 0:
+        raise KdflError(f"npz: {source} has no training rows")
+    return _bundle("npz", xtr, ytr, xte, yte, classes, natural, holdout)
+
+
+def _concat(xs: list[np.ndarray]) -> np.ndarray:
+    shapes = {tuple(x.shape[1:]) for x in xs}
+    if len(shapes) > 1:
+        raise KdflError(f"npz: per-client input arrays disagree in shape: {', '.join(map(str, sorted(shapes)))}")
+    return np.concatenate(xs)
+
+
 # --------------------------------------------------------------------- registry
 
 
@@ -517,6 +741,8 @@ DATASETS: Registry[DatasetSpec] = Registry("data set", {
                             {"label_type": "fine", "verify_checksum": True}),
     "fashion_mnist": DatasetSpec(_load_fashion_mnist, "Fashion-MNIST from the four IDX .gz files, (1, 28, 28)",
                                  {"verify_checksum": True}),
+    "npz": DatasetSpec(_load_npz, "arrays from an .npz file or a PFLlib directory (data.path); per-client "
+                       "arrays give a natural split", {"path": "", "num_classes": 0}),
 }, options_of=lambda spec: default_options(spec.options))
 
 

@@ -1,5 +1,8 @@
 """Split a training pool among clients: IID, Dirichlet label skew, shards, quantity skew.
 
+A partition can also come from a file (``partition.name = "file"``) and be written to
+one (:func:`export`, ``kdfl partition``): see :mod:`kdfl.data.partition_file`.
+
 Every function takes the labels ``(n,)`` and an explicit ``np.random.Generator`` and
 returns one sorted int64 index array per client; the arrays are disjoint and together
 cover ``range(n)``. ``make_partition`` is the validated entry point used by configs.
@@ -11,6 +14,7 @@ FedAvg (McMahan et al., AISTATS 2017).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -173,11 +177,22 @@ PARTITIONS: Registry[Callable[..., Partition]] = Registry(
     options_of=_parameters,
 )
 NATURAL = "natural"  # the data set's own split: not a function of the labels, so not in PARTITIONS
+FILE = "file"  # rows read from a partition file (kdfl.data.partition_file): not in PARTITIONS either
+FILE_PARAMS: dict[str, Any] = {"path": str}  # partition.path: the .json / .npz file
 
 
 def partition_params(name: str) -> dict[str, Any]:
     """The tunable parameters of a partition and their defaults (``inspect.Parameter.empty`` = required)."""
+    if name == FILE:
+        return {"path": inspect.Parameter.empty}
     return {} if name == NATURAL else PARTITIONS.defaults(name)
+
+
+def export(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The split a validated config produces; see :func:`kdfl.data.partition_file.export`."""
+    from kdfl.data.partition_file import export as _export
+
+    return _export(cfg)
 
 
 def make_partition(name: str, labels: np.ndarray, num_clients: int, seed: int,
@@ -206,8 +221,11 @@ def make_partition(name: str, labels: np.ndarray, num_clients: int, seed: int,
         if params:
             raise KdflError(f"partition {NATURAL!r} takes no parameters, got {', '.join(map(repr, params))}")
         return _natural(labels, num_clients, natural)
-    if name not in PARTITIONS:  # the standard error, with "natural" among the choices
-        raise unknown("partition", name, [*PARTITIONS, NATURAL])
+    if name == FILE:
+        raise KdflError("partition 'file' is not a function of the labels: read it with "
+                        "kdfl.data.partition_file.read_partition (kdfl.data.partition_file.split_config applies it)")
+    if name not in PARTITIONS:  # the standard error, with "natural" and "file" among the choices
+        raise unknown("partition", name, [*PARTITIONS, NATURAL, FILE])
     params = PARTITIONS.bind(name, params)
     return PARTITIONS[name](labels, num_clients, rng=np.random.default_rng(seed), **params)
 

@@ -9,12 +9,16 @@ left for the clients. Proxy kinds:
 - ``"noise"``: uniform noise in the range of the training inputs (a data-free baseline).
 - ``"dataset:<name>"``: inputs of another data set's training split (same input shape).
 - ``"none"``: no proxy.
+
+Rows can also be fixed in advance instead of drawn (:class:`FixedRows`, from a partition
+file): the clients' rows, and optionally the proxy, validation and test rows.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,13 @@ class Splits:
         natural_partition: the bundle's natural partition re-indexed into ``train``
             (samples moved to proxy/val dropped), or None.
         train_index: for each row of ``train``, its row in ``bundle.train``.
+        proxy_labels: see ``proxy``.
+        proxy_index: sorted rows of ``bundle.train`` that form a ``holdout`` proxy (empty
+            for the other kinds).
+        val_index: sorted rows of ``bundle.train`` of the validation slice (empty: none).
+        test_index: sorted rows of ``bundle.test`` evaluated on.
+        natural_holdout: the bundle's per-client held-out rows re-indexed into ``train``
+            when ``make_splits(natural=True)``, else None.
     """
 
     train: TensorData
@@ -53,11 +64,40 @@ class Splits:
     natural_partition: list[np.ndarray] | None = None
     train_index: np.ndarray | None = None
     proxy_labels: torch.Tensor | None = None
+    proxy_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    val_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    test_index: np.ndarray | None = None
+    natural_holdout: list[np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class FixedRows:
+    """Rows fixed in advance (by a partition file) instead of drawn from the seed.
+
+    Attributes:
+        pool: sorted rows of ``bundle.train`` the clients hold (training and held-out):
+            the client pool, whatever ``pool_size`` says.
+        proxy: rows of a ``holdout`` proxy, or None to draw them from the rows no client
+            holds.
+        val: rows of the validation slice, or None to draw them likewise.
+        test: rows of ``bundle.test`` to evaluate on, or None to draw ``test_size``.
+        source: where the rows come from, for messages ("partition file p.json").
+    """
+
+    pool: np.ndarray
+    proxy: np.ndarray | None = None
+    val: np.ndarray | None = None
+    test: np.ndarray | None = None
+    source: str = "the partition file"
+
+
+def _sorted_rows(rows: np.ndarray | Sequence[int]) -> np.ndarray:
+    return np.sort(np.asarray(rows, dtype=np.int64))
 
 
 def make_splits(bundle: DataBundle, *, proxy: str = "holdout", proxy_size: int = 0, val_size: int = 0,
                 seed: int = 0, data_dir: str | Path | None = None, pool_size: int = 0,
-                test_size: int = 0) -> Splits:
+                test_size: int = 0, fixed: FixedRows | None = None, natural: bool = False) -> Splits:
     """Split ``bundle.train`` into client pool, proxy and validation slice.
 
     Args:
@@ -73,10 +113,19 @@ def make_splits(bundle: DataBundle, *, proxy: str = "holdout", proxy_size: int =
             the proxy and validation rows (0 = all): a smaller federation of the same data
             for CPU budgets. Changing it never changes the proxy or validation rows.
         test_size: evaluate on this many test samples drawn at random (0 = all).
+        fixed: rows fixed by a partition file. The clients' pool is ``fixed.pool``; the
+            proxy, validation and test rows it gives are used (their sizes must agree with
+            ``proxy_size``, ``val_size``, ``test_size`` and ``pool_size``), the others are
+            drawn as usual from the rows no client holds.
+        natural: the clients use the bundle's natural split, so its per-client held-out
+            rows (``bundle.natural_holdout``) join the pool (``Splits.natural_holdout``).
+            Otherwise those rows (a data set's own per-client test rows) are left out of
+            the pool. They are never drawn for the proxy or the validation slice.
 
     Raises:
-        KdflError: unknown proxy kind, negative or too large sizes, or a proxy data set
-            whose input shape differs from ``bundle``'s.
+        KdflError: unknown proxy kind, negative or too large sizes, a proxy data set
+            whose input shape differs from ``bundle``'s, or fixed rows whose sizes
+            disagree with the sizes asked for.
     """
     for key, value in (("proxy_size", proxy_size), ("val_size", val_size), ("pool_size", pool_size),
                        ("test_size", test_size)):
@@ -89,21 +138,48 @@ def make_splits(bundle: DataBundle, *, proxy: str = "holdout", proxy_size: int =
         raise KdflError(f"unknown proxy {proxy!r}; allowed: {', '.join(PROXY_KINDS)}")
     n = len(bundle.train)
     held = proxy_size if kind == "holdout" else 0
-    if held + val_size >= n:
-        raise KdflError(
-            f"proxy_size={held} + val_size={val_size} leaves no training data: the training pool of "
-            f"{bundle.name!r} has {n} samples; lower proxy_size or val_size"
-        )
     # Separate streams so that changing one size never reshuffles the other choices.
     perm = numpy_rng(seed, "splits", "pool").permutation(n)
-    proxy_idx, val_idx = perm[:held], perm[held:held + val_size]
-    rest = perm[held + val_size:]
-    if pool_size:
-        if pool_size > len(rest):
-            raise KdflError(f"pool_size={pool_size} but the training pool of {bundle.name!r} has {len(rest)} samples "
-                            f"after proxy_size={held} and val_size={val_size}: lower pool_size (0 = all)")
-        rest = rest[:pool_size]  # the permutation's order: a random subset, nested as pool_size grows
-    keep = np.sort(rest)
+    # Rows the server never draws: a data set's per-client test rows and every row that
+    # fixed rows already place. Without either, ``perm`` is untouched (same draws as ever).
+    placed = np.zeros(n, dtype=bool)
+    nat_held = bundle.natural_holdout
+    if nat_held is not None and len(nat_held):
+        placed[np.concatenate(nat_held).astype(np.int64)] = True
+    if fixed is not None:
+        for rows in (fixed.pool, fixed.proxy, fixed.val):
+            if rows is not None:
+                placed[np.asarray(rows, dtype=np.int64)] = True
+    if placed.any():
+        perm = perm[~placed[perm]]
+    if fixed is None:
+        if held + val_size >= len(perm):
+            raise KdflError(
+                f"proxy_size={held} + val_size={val_size} leaves no training data: the training pool of "
+                f"{bundle.name!r} has {len(perm)} samples; lower proxy_size or val_size"
+            )
+        proxy_idx, val_idx = perm[:held], perm[held:held + val_size]
+        rest = perm[held + val_size:]
+        if pool_size:
+            if pool_size > len(rest):
+                raise KdflError(f"pool_size={pool_size} but the training pool of {bundle.name!r} has {len(rest)} "
+                                f"samples after proxy_size={held} and val_size={val_size}: lower pool_size (0 = all)")
+            rest = rest[:pool_size]  # the permutation's order: a random subset, nested as pool_size grows
+        if natural and nat_held is not None and len(nat_held):
+            rest = np.concatenate([rest, *nat_held]).astype(np.int64)
+        keep = np.sort(rest)
+    else:
+        proxy_idx, perm = _given_or_drawn(fixed.proxy if kind == "holdout" else None, held, perm, "proxy rows",
+                                          "data.proxy_size", fixed.source, bundle.name)
+        val_idx, perm = _given_or_drawn(fixed.val, val_size, perm, "validation rows", "data.val_size",
+                                        fixed.source, bundle.name)
+        if kind != "holdout" and fixed.proxy is not None and len(fixed.proxy):
+            log.info("%s lists %d proxy rows; data.proxy = %r does not use them", fixed.source, len(fixed.proxy),
+                     proxy)
+        keep = _sorted_rows(fixed.pool)
+        if pool_size and pool_size != len(keep):
+            raise KdflError(f"data.pool_size = {pool_size} but {fixed.source} gives the clients {len(keep)} rows: "
+                            f"set data.pool_size = {len(keep)} or 0 (the file decides the clients' rows)")
     x = bundle.train.x
 
     proxy_x: torch.Tensor | None
@@ -127,28 +203,57 @@ def make_splits(bundle: DataBundle, *, proxy: str = "holdout", proxy_size: int =
         proxy_x = None
 
     val = bundle.train.subset(torch.from_numpy(np.sort(val_idx))) if val_size else None
-    natural = None
+    # Row r of bundle.train becomes row new_pos[r] of the client pool (-1: not in it).
+    new_pos = np.full(n, -1, dtype=np.int64)
+    new_pos[keep] = np.arange(len(keep))
+    natural_parts = None
     if bundle.natural_partition is not None:
-        # Row r of bundle.train becomes row new_pos[r] of the client pool (-1: moved out).
-        new_pos = np.full(n, -1, dtype=np.int64)
-        new_pos[keep] = np.arange(len(keep))
-        natural = [new_pos[p][new_pos[p] >= 0] for p in bundle.natural_partition]
-    test = bundle.test
-    if test_size:
+        natural_parts = [new_pos[p][new_pos[p] >= 0] for p in bundle.natural_partition]
+    natural_held = None
+    if natural and nat_held is not None and fixed is None:
+        natural_held = [new_pos[p][new_pos[p] >= 0] for p in nat_held]
+    test, test_idx = bundle.test, np.arange(len(bundle.test), dtype=np.int64)
+    if fixed is not None and fixed.test is not None:
+        test_idx = _sorted_rows(fixed.test)
+        if (test_size or len(bundle.test)) != len(test_idx):
+            raise KdflError(f"data.test_size = {test_size} but {fixed.source} lists {len(test_idx)} test rows of "
+                            f"{len(bundle.test)}: set data.test_size = "
+                            f"{0 if len(test_idx) == len(bundle.test) else len(test_idx)}")
+        if len(test_idx) != len(bundle.test):
+            test = test.subset(torch.from_numpy(test_idx))
+    elif test_size:
         if test_size > len(test):
             raise KdflError(f"test_size={test_size} but {bundle.name!r} has {len(test)} test samples: lower "
                             "test_size (0 = all)")
-        pick = np.sort(numpy_rng(seed, "splits", "test").permutation(len(test))[:test_size])
-        test = test.subset(torch.from_numpy(pick))
+        test_idx = np.sort(numpy_rng(seed, "splits", "test").permutation(len(test))[:test_size])
+        test = test.subset(torch.from_numpy(test_idx))
     return Splits(
         train=bundle.train.subset(torch.from_numpy(keep)),
         test=test,
         proxy=proxy_x,
         val=val,
-        natural_partition=natural,
+        natural_partition=natural_parts,
         train_index=keep,
         proxy_labels=proxy_y,
+        proxy_index=_sorted_rows(proxy_idx) if kind == "holdout" else np.zeros(0, dtype=np.int64),
+        val_index=_sorted_rows(val_idx),
+        test_index=test_idx,
+        natural_holdout=natural_held,
     )
+
+
+def _given_or_drawn(given: np.ndarray | None, size: int, free: np.ndarray, what: str, key: str, source: str,
+                    dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``given`` rows (their number must be ``size``), else the first ``size`` free
+    rows; returns (rows, the free rows left)."""
+    if given is not None:
+        if len(given) != size:
+            raise KdflError(f"{key} = {size} but {source} lists {len(given)} {what}: set {key} = {len(given)}")
+        return np.asarray(given, dtype=np.int64), free
+    if size > len(free):
+        raise KdflError(f"{key} = {size} but only {len(free)} rows of {dataset!r} are left outside {source}'s rows: "
+                        f"lower {key}, or list the {what} in the file")
+    return free[:size], free[size:]
 
 
 def _dataset_proxy(bundle: DataBundle, name: str, size: int, seed: int,
