@@ -56,15 +56,17 @@ def test_temperature_and_t2_against_a_masking_reference():
                                      torch.softmax(GLOBAL[keep].view(2, 2) / t, -1), reduction="batchmean")
     assert float(ntd_kl(LOCAL, GLOBAL, Y, t)) == pytest.approx(float(ref))
     out, batch = outputs()
-    assert float(NTDLoss(1.0, t)(out, batch, {})) == pytest.approx(CE + float(ref))
-    assert float(NTDLoss(1.0, t, t2=True)(out, batch, {})) == pytest.approx(CE + t * t * float(ref))
+    assert float(NTDLoss(1.0, t, t2=False)(out, batch, {})) == pytest.approx(CE + float(ref))
+    # the default: the official NTD_Loss multiplies by tau squared
+    assert float(NTDLoss(1.0, t)(out, batch, {})) == pytest.approx(CE + t * t * float(ref))
 
 
 def test_defaults_and_bad_options():
     assert ALGORITHMS["fedntd"] is FedNTD
     alg = FedNTD()
-    assert (alg.beta, alg.temperature, alg.t2) == (1.0, 1.0, False)  # the official config/fedntd.json
-    assert alg.loss() == NTDLoss(1.0, 1.0, False)
+    # the official config/fedntd.json (tau = beta = 1) and criterion.py (tau^2 · KL)
+    assert (alg.beta, alg.temperature, alg.t2) == (1.0, 1.0, True)
+    assert alg.loss() == NTDLoss(1.0, 1.0, True)
     with pytest.raises(KdflError, match="beta"):
         FedNTD(beta=-1.0)
     with pytest.raises(KdflError, match="temperature"):
