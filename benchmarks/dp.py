@@ -1,5 +1,5 @@
 """Accuracy against ε: FedEMA-Distill, DS-FL and DP-FedAvg under differential privacy
-(the ``[privacy]`` section; see the README's "Differential privacy").
+(the ``[privacy]`` section; see "Differential privacy" in docs/faults-and-privacy.md).
 
 Protocol: mnist1d (10,000 samples, a 2,000-row held-out proxy for the distillation
 methods), 20 clients under Dirichlet 0.1, 10 of them sampled per round (fixed size,

@@ -1,4 +1,4 @@
-"""README.md and docs/: every relative link resolves (files and #anchors, with GitHub's
+"""README.md, docs/ and the READMEs they link: every relative link resolves (files and #anchors, with GitHub's
 heading slugs), every docs page is reachable from the README, the README stays a front page
 (under 250 lines), and its `make demo` sample is what the demo prints: the commands are the
 Makefile's recipe, a short run of that recipe prints the same lines with the same wording and
@@ -15,7 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+# every page a reader reaches from the README: docs/ and the other READMEs it links
+PAGES = [README, *DOCS, ROOT / "benchmarks" / "README.md", ROOT / "benchmarks" / "PROTOCOL.md",
+         ROOT / "examples" / "flower_app" / "README.md"]
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FENCE = re.compile(r"^\s*(```|~~~)")
 
@@ -95,7 +98,7 @@ def test_every_relative_link_resolves(page):
 
 def test_every_docs_page_is_linked_from_the_readme():
     linked = {(README.parent / t.partition("#")[0]).resolve() for t in links(README) if not t.startswith("#")}
-    orphans = [str(p.relative_to(ROOT)) for p in PAGES[1:] if p.resolve() not in linked]
+    orphans = [str(p.relative_to(ROOT)) for p in DOCS if p.resolve() not in linked]
     assert not orphans, f"docs pages the README does not link (add them to its Documentation list): {orphans}"
 
 
