@@ -178,13 +178,115 @@ def test_resume_refuses_fewer_rounds_than_done(tmp_path, capsys):
     assert "already at round 2" in err
 
 
-def test_resume_without_checkpoint(tmp_path, capsys):
+def test_resume_without_checkpoint_starts_from_round_0(tmp_path, capsys):
+    """--resume where there is no checkpoint yet (a directory that does not exist, an empty
+    one) starts the run from round 0 there, and says so."""
     new = tmp_path / "new"
-    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--resume", "--out", str(new)) == 2
-    assert "cannot resume" in capsys.readouterr().err and not new.exists()  # nothing half-written
-    new.mkdir()
-    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--resume", "--out", str(new)) == 2
-    assert "has no checkpoint.pt" in capsys.readouterr().err
+    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--resume", "--out", str(new)) == 0
+    assert "no checkpoint yet: starting the run from round 0" in capsys.readouterr().err
+    assert [r["round"] for r in records(new)] == [1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--quiet", "--resume", "--out", str(empty)) == 0
+    assert without_time(records(empty)) == without_time(records(new))
+
+
+def summary_without_time(run_dir: Path) -> dict:
+    return {k: v for k, v in json.loads((run_dir / "summary.json").read_text()).items() if "seconds" not in k}
+
+
+def interrupt_at(monkeypatch, at_round: int) -> None:
+    """A real SIGINT to this process as round ``at_round`` starts (once), as Ctrl-C would send."""
+    import signal
+
+    from kdfl.simulation.engine import Engine
+
+    real = Engine.round
+
+    def round_(self, state, round_num, client_states):
+        if round_num == at_round:
+            monkeypatch.setattr(Engine, "round", real)
+            signal.raise_signal(signal.SIGINT)
+        return real(self, state, round_num, client_states)
+
+    monkeypatch.setattr(Engine, "round", round_)
+
+
+@pytest.mark.parametrize(("every", "expect"), [(3, "before the first checkpoint"),
+                                               (1, "holds a checkpoint after round 1")])
+def test_interrupt_then_the_command_it_names_equals_a_straight_run(tmp_path, capsys, monkeypatch, every, expect):
+    """Ctrl-C in round 2: before the first checkpoint (every 3 rounds) or after one (every
+    round). The message names a command; running it ends where an uninterrupted run does."""
+    import shlex
+
+    sets = [*TINY, "--set", "run.rounds=3", "--set", f"run.checkpoint_every={every}", "--quiet"]
+    assert kdfl("run", *sets, "--out", str(tmp_path / "straight")) == 0
+    run = tmp_path / "run"
+    interrupt_at(monkeypatch, 2)
+    assert kdfl("run", *sets, "--out", str(run)) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("kdfl: interrupted") and expect in err, err
+    assert (run / "checkpoint.pt").exists() == (every == 1)
+    # a plain rerun is refused, naming --resume (checked to work below), --out and --overwrite
+    assert kdfl("run", *sets, "--out", str(run)) == 2
+    refusal = capsys.readouterr().err
+    assert "already holds an unfinished run" in refusal and "--resume" in refusal and "--overwrite" in refusal
+    assert ("from round 0" in refusal) == (every == 3)
+    command = shlex.split(err.split("`")[1])
+    assert command[0] == "kdfl" and "--resume" in command
+    assert kdfl(*command[1:]) == 0
+    assert summary_without_time(run) == summary_without_time(tmp_path / "straight")
+    assert without_time(records(run)) == without_time(records(tmp_path / "straight"))
+
+
+def test_interrupt_messages_without_out_and_in_a_sweep():
+    args = cli.parser().parse_args(["run", "--quiet"])
+    assert "nothing was saved" in cli.interrupted(args, ["run", "--quiet"])
+    args = cli.parser().parse_args(["sweep", "x.toml"])
+    assert "run the same command again" in cli.interrupted(args, ["sweep", "x.toml"])
+    args = cli.parser().parse_args(["run", "--out", "d", "--overwrite"])  # the named command drops --overwrite
+    assert "`kdfl run --out d --resume`" in cli.interrupted(args, ["run", "--out", "d", "--overwrite"])
+
+
+def test_every_refusal_names_a_remedy_that_works(tmp_path, capsys):
+    """Each refusal of `kdfl run` on a run directory, then the remedy its message names."""
+    run = tmp_path / "run"
+    two = [*TINY, "--set", "run.rounds=2", "--quiet", "--out", str(run)]
+    assert kdfl("run", *two) == 0
+    capsys.readouterr()
+
+    def refused(*args: str) -> str:
+        assert kdfl(*args) == 2
+        return capsys.readouterr().err
+
+    # a finished run: extend it with --resume and a larger run.rounds
+    err = refused("run", *two)
+    assert "already holds a finished run" in err and "extend it with --resume and a larger run.rounds" in err
+    err = refused("run", *two, "--resume", "--set", "run.rounds=1")
+    assert "set run.rounds >= 2" in err
+    assert kdfl("run", *two, "--resume", "--set", "run.rounds=2") == 0  # what it says: >= 2
+    assert kdfl("run", *two, "--resume", "--set", "run.rounds=3") == 0
+    assert [r["round"] for r in records(run)] == [1, 2, 3]
+    # another config: resume with the same one, or choose a new --out
+    err = refused("run", *two, "--resume", "--set", "run.seed=1")
+    assert "resume with the same config and --set values, or choose a new --out" in err
+    assert kdfl("run", *two, "--resume", "--set", "run.rounds=3") == 0
+    assert kdfl("run", *TINY, "--set", "run.rounds=1", "--set", "run.seed=1", "--quiet",
+                "--out", str(tmp_path / "new")) == 0
+    # --resume without --out
+    err = refused("run", *TINY, "--set", "run.rounds=1", "--quiet", "--resume")
+    assert "--resume needs --out DIR" in err
+    # a config.toml that no longer loads: --overwrite in place of --resume
+    (run / "config.toml").write_text("[run]\nrounds = 'many'\n")
+    err = refused("run", *two, "--resume")
+    assert "no longer loads" in err and "with --overwrite in place of --resume" in err
+    assert kdfl("run", *two, "--overwrite") == 0
+    # the path is a file: choose another --out
+    (tmp_path / "file").write_text("x")
+    assert "choose another --out" in refused("run", *TINY, "--quiet", "--out", str(tmp_path / "file"))
+    # contradicting flags: choose one
+    assert "choose one" in refused("run", *two, "--resume", "--overwrite")
+    capsys.readouterr()
 
 
 def test_run_directory_errors_and_overwrite(tmp_path, capsys):
@@ -196,7 +298,7 @@ def test_run_directory_errors_and_overwrite(tmp_path, capsys):
     before = (run / "metrics.jsonl").read_text()
     assert kdfl("run", *TINY, "--set", "run.rounds=2", "--quiet", "--out", str(run)) == 2
     err = capsys.readouterr().err
-    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert "already holds a finished run" in err and "--resume" in err and "--overwrite" in err
     assert (run / "metrics.jsonl").read_text() == before
     # --overwrite replaces it: the old report goes, the new metrics have 2 rounds
     assert kdfl("run", *TINY, "--set", "run.rounds=2", "--quiet", "--out", str(run), "--overwrite") == 0
@@ -219,6 +321,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys, content):
     assert kdfl("run", *TINY, "--set", "run.rounds=2", "--quiet", "--out", str(run), "--resume") == 2
     err = capsys.readouterr().err
     assert err.startswith("kdfl: error: cannot resume") and "Traceback" not in err
+    if not (run / "checkpoint.prev.pt").exists():  # else it names the previous checkpoint (tests/test_experiment.py)
+        assert "start the run again with --overwrite in place of --resume" in err
+        assert kdfl("run", *TINY, "--set", "run.rounds=2", "--quiet", "--out", str(run), "--overwrite") == 0
 
 
 def test_config_directory_version_and_attack_without_fraction(tmp_path, capsys):
@@ -268,3 +373,16 @@ def test_python_dash_m_kdfl_is_the_cli():
 
     out = subprocess.run([sys.executable, "-m", "kdfl", "list"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "fedmd" in out.stdout and "local" in out.stdout
+
+
+def test_version_and_help_do_not_import_torch():
+    """`kdfl --version` and `--help` print before torch (or numpy) is imported: lazy imports.
+    Their speed is measured in benchmarks/cli_startup.py, not asserted here."""
+    code = ("import sys\nfrom kdfl.cli import main\n"
+            "for argv in (['--version'], ['--help'], ['run', '--help'], ['report', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
+            "print('heavy:', sorted(m for m in ('torch', 'numpy', 'kdfl.types', 'kdfl.config') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("kdfl ") and "usage: kdfl run" in p.stdout
+    assert p.stdout.strip().splitlines()[-1] == "heavy: []"

@@ -207,3 +207,27 @@ def test_a_save_never_leaves_the_run_without_its_checkpoint_name(tmp_path, monke
     (tmp_path / (checkpoint.FILE + ".tmp")).write_bytes(good[:100])  # an incomplete one is not offered
     with pytest.raises(KdflError, match=r"only checkpoint.prev.pt .*: rename checkpoint.prev.pt to checkpoint.pt"):
         experiment.check_run_dir(tmp_path, resume=True, overwrite=False)
+
+
+def test_resume_before_the_first_checkpoint_starts_from_round_0_in_place(tmp_path):
+    """A run stopped before its first checkpoint left its config, partition and some
+    metrics: resume=True starts it again from round 0 there (its files replaced) and ends
+    where a fresh run does; another config is still refused, as for any resume."""
+    sets = [*TINY, "run.rounds=2", "run.checkpoint_every=2"]
+    fresh = experiment.run(config.load(None, sets))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(config.dumps(config.load(None, sets)))
+    (run_dir / "metrics.jsonl").write_text('{"round": 1, "accuracy": 0.0}\n')  # a round the checkpoint never saw
+    (run_dir / "summary.md").write_text("an old report")
+    with pytest.raises(KdflError, match=r"run\.seed: 0 -> 1"):
+        experiment.run(config.load(None, [*sets, "run.seed=1"]), out=run_dir, resume=True)
+    assert experiment.check_run_dir(run_dir, resume=True, overwrite=False, cfg=config.load(None, sets)) is False
+    assert not (run_dir / "summary.md").exists() and not (run_dir / "metrics.jsonl").exists()
+    hist = experiment.run(config.load(None, sets), out=run_dir, resume=True)
+    assert [r["round"] for r in hist.records] == [1, 2]
+    assert hist.summary["final_accuracy"] == fresh.summary["final_accuracy"]
+    assert all(torch.equal(hist.state.params[k], fresh.state.params[k]) for k in fresh.state.params)
+    assert experiment.check_run_dir(run_dir, resume=True, overwrite=False) is True  # now it has a checkpoint
+    with pytest.raises(KdflError, match="resume needs a run directory"):
+        experiment.run(config.load(None, sets), resume=True)

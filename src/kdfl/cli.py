@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kdfl.types import KdflError
+from kdfl.errors import KdflError
 
 log = logging.getLogger("kdfl")
 
@@ -25,14 +25,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     start, sent = 0, {"up": 0.0, "acc": float("nan")}
     if args.overwrite and args.resume:
         raise KdflError("--overwrite and --resume contradict each other: choose one")
+    if args.resume and out is None:
+        raise KdflError("--resume needs --out DIR: the run directory of the run to continue")
     if out is not None:
-        experiment.check_run_dir(out, args.resume, args.overwrite)  # clear errors before the bar appears
-        if args.resume:  # the bar continues where the run stopped (a corrupt checkpoint is a clear error)
+        # clear errors before the bar appears; --resume without a checkpoint starts from round 0 in place
+        resumes = experiment.check_run_dir(out, args.resume, args.overwrite, cfg)
+        if resumes:  # the bar continues where the run stopped (a corrupt checkpoint is a clear error)
             from kdfl.simulation import checkpoint
 
             ck = checkpoint.load(out)
             start = int(ck["round"])
             sent["up"] = sum(r.get("uplink_bytes", 0) for r in ck.get("records", [])) / 1e6
+        elif args.resume:
+            print(f"kdfl: {out} has no checkpoint yet: starting the run from round 0 in place", file=sys.stderr)
     rounds = cfg["run"]["rounds"]
     bar = tqdm(total=rounds, initial=start, desc="rounds", unit="round", disable=args.quiet, file=sys.stderr,
                dynamic_ncols=True)
@@ -224,7 +229,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """What a Ctrl-C left behind and the command that goes on from there."""
+    if args.command == "sweep":
+        return ("interrupted; finished runs are kept: run the same command again to continue (an unfinished run "
+                "resumes from its last checkpoint)")
+    if args.command != "run":
+        return "interrupted"
+    if not args.out:
+        return "interrupted; nothing was saved (no --out): run the command again to start over"
+    import shlex
+
+    # the same command with --resume (and without --overwrite: the files to resume from are there now)
+    again = "kdfl " + shlex.join([*(a for a in argv if a != "--overwrite"), *([] if args.resume else ["--resume"])])
+    out = Path(args.out)
+    try:
+        from kdfl.simulation import checkpoint
+
+        done: int | None = int(checkpoint.load(out)["round"])
+    except (KdflError, OSError, ImportError):
+        done = None
+    if done is None:
+        return (f"interrupted before the first checkpoint in {out}: `{again}` starts the run again from round 0 "
+                "there")
+    return f"interrupted; {out} holds a checkpoint after round {done}: `{again}` continues from round {done + 1}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     if "" not in sys.path and os.getcwd() not in sys.path:
         # as `python -m`: a user algorithm module in the working directory is importable
@@ -238,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdfl: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kdfl: interrupted; continue with --resume", file=sys.stderr)
+        print(f"kdfl: {interrupted(args, argv)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `kdfl list | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -109,13 +109,14 @@ def _check_resume(run_dir: Path, cfg: Config) -> None:
     try:
         old = config_mod.load(path)
     except KdflError as e:
-        raise KdflError(f"cannot resume {run_dir}: its {path.name} no longer loads ({e})") from None
+        raise KdflError(f"cannot resume {run_dir}: its {path.name} no longer loads ({e}); start the run again "
+                        "with --overwrite in place of --resume, or choose a new --out") from None
     diffs = config_diffs(old, cfg, ignore=RESUMABLE_CHANGES)
     if diffs:
         raise KdflError(
             f"cannot resume {run_dir}: the config differs from the one it was started with ({path}): "
             f"{'; '.join(diffs)}. Only run.rounds may change on resume; resume with the same config and "
-            "--set values, or start a new run directory"
+            "--set values, or choose a new --out"
         )
     if (run_dir / checkpoint.FILE).exists():
         done = checkpoint.load(run_dir)["round"]
@@ -131,12 +132,21 @@ RUN_FILES = ("config.toml", "partition.txt", "malicious.json", "metrics.jsonl", 
              "checkpoint.pt", "checkpoint.pt.tmp", "checkpoint.prev.pt", "checkpoint.prev.pt.tmp", "summary.md", "report.md")
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, cfg: Config | None = None) -> bool:
     """Refuse, before anything is built or written, a run directory that cannot be used:
-    a path that is a file; ``resume`` without a checkpoint there; a directory that already
-    holds a run when neither ``resume`` nor ``overwrite`` is given (its metrics would be
-    silently replaced and its old summary and plots left beside the new ones). With
-    ``overwrite`` the previous run's files are deleted first."""
+    a path that is a file; a directory that already holds a run when neither ``resume``
+    nor ``overwrite`` is given (its metrics would be silently replaced and its old summary
+    and plots left beside the new ones). With ``overwrite`` the previous run's files are
+    deleted first.
+
+    ``resume`` on a directory without a checkpoint (the run was stopped before its first
+    one, or never started) starts the run from round 0 in place: its files are replaced
+    as with ``overwrite``, after ``cfg`` (when given) is checked against the config the
+    run was started with, as for any resume.
+
+    Returns:
+        Whether the run continues from a checkpoint (``resume`` and one is there).
+    """
     from kdfl.simulation import checkpoint
 
     if run_dir.exists() and not run_dir.is_dir():
@@ -144,18 +154,29 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if (run_dir / checkpoint.PREV).is_file() and not (run_dir / checkpoint.FILE).exists():
             checkpoint.load(run_dir)  # an interrupted save: its message says which file to rename
-        if not (run_dir / checkpoint.FILE).is_file():
-            where = "does not exist" if not run_dir.exists() else f"has no {checkpoint.FILE}"
-            raise KdflError(f"cannot resume: {run_dir} {where}. Start the run without --resume.")
-        return
+        if (run_dir / checkpoint.FILE).is_file():
+            return True
+        if cfg is not None and (run_dir / "config.toml").is_file():
+            _check_resume(run_dir, cfg)  # the same run, from round 0: the same config
+        log.warning("%s has no checkpoint yet: starting the run from round 0 in place", run_dir)
+        overwrite = True
     old = [f for f in RUN_FILES if (run_dir / f).exists()] + [p.name for p in run_dir.glob("*.png")]
     if (run_dir / "client_states").is_dir():
         old.append("client_states/")
     if not old:
-        return
+        return False
     if not overwrite:
-        raise KdflError(f"{run_dir} already holds a run ({', '.join(old[:4])}{', ...' if len(old) > 4 else ''}): "
-                        "continue it with --resume, choose a new --out, or pass --overwrite to replace it")
+        if (run_dir / "summary.json").is_file():
+            extend = (" or extend it with --resume and a larger run.rounds"
+                      if (run_dir / checkpoint.FILE).is_file() else "")
+            raise KdflError(f"{run_dir} already holds a finished run ({', '.join(old[:4])}"
+                            f"{', ...' if len(old) > 4 else ''}): choose a new --out, pass --overwrite to replace "
+                            f"it{extend}")
+        where = ("from its checkpoint" if (run_dir / checkpoint.FILE).is_file()
+                 else "from round 0 (it has no checkpoint yet)")
+        raise KdflError(f"{run_dir} already holds an unfinished run ({', '.join(old[:4])}"
+                        f"{', ...' if len(old) > 4 else ''}): continue it with --resume ({where}), choose a new "
+                        "--out, or pass --overwrite to replace it")
     import shutil
 
     for name in old:
@@ -164,6 +185,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(target)
         else:
             target.unlink()
+    return False
 
 
 def run(
@@ -176,7 +198,8 @@ def run(
     """Build and run the federation; write the run directory when ``out`` is given.
 
     Args:
-        resume: continue the run in ``out`` from its checkpoint.
+        resume: continue the run in ``out`` from its checkpoint (from round 0, in place,
+            when it has none yet).
         overwrite: replace a run already in ``out`` (otherwise that is an error).
 
     Returns the engine's :class:`~kdfl.simulation.engine.History`.
@@ -194,8 +217,10 @@ def run(
         # one thread avoids oversubscription collapse when other processes share the cores
         torch.set_num_threads(cfg["run"]["threads"])
     run_dir = Path(out) if out is not None else None
+    if resume and run_dir is None:
+        raise KdflError("resume needs a run directory: pass the --out of the run to continue")
     if run_dir is not None:
-        check_run_dir(run_dir, resume, overwrite)
+        resume = check_run_dir(run_dir, resume, overwrite, cfg)
     fed = build(cfg)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)

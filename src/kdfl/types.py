@@ -13,12 +13,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from kdfl.errors import KdflError as KdflError  # re-exported: defined without torch, for the CLI
+
 StateDict = dict[str, Tensor]
 Payload = dict[str, Tensor]  # named tensors that cross the wire: "delta", "logits", ...
-
-
-class KdflError(Exception):
-    """A user-facing error: the message names the problem and the fix."""
 
 
 class PayloadError(KdflError):

@@ -103,7 +103,7 @@ def load(run_dir: Path) -> dict[str, Any]:
     path = run_dir / FILE
     prev = run_dir / PREV
     fallback = (f"; the previous checkpoint is {prev}: rename it to {FILE} to resume from it, or start again"
-                if prev.exists() else "; delete it and start again")
+                if prev.exists() else "; start the run again with --overwrite in place of --resume")
     if not path.exists():
         tmp = run_dir / (FILE + ".tmp")
         if _complete(tmp):
@@ -118,7 +118,7 @@ def load(run_dir: Path) -> dict[str, Any]:
     except Exception as e:
         raise KdflError(f"cannot resume: {path} is unreadable ({e}){fallback}") from None
     if not isinstance(ck, dict) or "round" not in ck:
-        raise KdflError(f"cannot resume: {path} is not a kdfl checkpoint; delete it and start again")
+        raise KdflError(f"cannot resume: {path} is not a kdfl checkpoint; start the run again with --overwrite in place of --resume")
     if ck.get("format") != FORMAT:
         raise KdflError(
             f"cannot resume: {path} was written by an older kdfl (checkpoint format {ck.get('format', 1)}, this "
@@ -126,5 +126,5 @@ def load(run_dir: Path) -> dict[str, Any]:
             "directory, or resume it with the kdfl version that started it."
         )
     if not isinstance(ck.get("state"), ServerState):
-        raise KdflError(f"cannot resume: {path} holds no server state; delete it and start again")
+        raise KdflError(f"cannot resume: {path} holds no server state; start the run again with --overwrite in place of --resume")
     return ck
