@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,41 @@ def test_readme_demo_sample_is_what_make_demo_prints(tmp_path, capsys, monkeypat
         return re.sub(r"; \d+(\.\d+)? s$", "; <wall time> s", line)
 
     assert [no_time(x) for x in printed] == [no_time(x) for x in readme_demo_sample()]
+
+
+# -- the headline figure ---------------------------------------------------------------------
+
+def headline_figure():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("headline_figure", ROOT / "benchmarks" / "headline_figure.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_headline_figure_reads_the_protocol_table():
+    hf = headline_figure()
+    text = ("# sweep\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+            "| method | local.lr | seeds | final acc | best acc | uplink KB/client/round |\n|---|---|---|---|---|---|\n"
+            "| fedavg | 0.05 | 3 | 0.5308 ± 0.1950 | 0.6 ± 0.1 | 95.8 ± 0.0 |\n"
+            "| fedema | 0.01 | 2 | 0.6535 | 0.7 | 40.1 ± 0.2 |\n\ntext\n| method | final acc | uplink KB/client/round |\n")
+    a, b = hf.read_table(text)
+    assert (a.method, a.lr, a.seeds, a.acc_mean, a.acc_std) == ("fedavg", "0.05", 3, 0.5308, 0.1950)
+    assert a.uplink_mb == pytest.approx(0.0958) and b.uplink_mb == pytest.approx(0.0401)
+    assert (b.method, b.acc_std) == ("fedema", 0.0)
+    with pytest.raises(ValueError, match="no table"):
+        hf.read_table("| method | final acc |\n|---|---|\n| x | 0.5 |\n")
+
+
+def test_headline_figure_plots_every_method_of_the_result_files(tmp_path, capsys):
+    hf = headline_figure()
+    for name, _ in hf.PANELS:
+        rows = [line for line in (hf.RESULTS / name).read_text().split("\n\n## ")[0].splitlines()
+                if line.startswith("| ") and not line.startswith("| method")]
+        assert len(hf.read_table((hf.RESULTS / name).read_text())) == len(rows) >= 4
+    assert hf.main(["--out", str(tmp_path / "h.png")]) == 0
+    assert (tmp_path / "h.png").stat().st_size > 10_000
+    assert capsys.readouterr().out.count("final acc") == sum(
+        len(hf.read_table((hf.RESULTS / n).read_text())) for n, _ in hf.PANELS)
