@@ -62,9 +62,14 @@ class DistillSettings:
             raise KdflError("[algorithm.distill]: grad_clip >= 0, eval_every >= 1 and patience >= 0 are required")
 
 
-def teacher_logits(models: Sequence[nn.Module], x: Tensor) -> Tensor:
-    """Each teacher's logits on ``x``: (models, N, C) (callers pick how to combine them)."""
-    return torch.stack([predict(m, x) for m in models])
+def teacher_logits(models: Sequence[nn.Module], x: Tensor, vectorize: bool | None = None) -> Tensor:
+    """Each teacher's logits on ``x``: (models, N, C) (callers pick how to combine them),
+    computed once per round: one vectorized pass over same-architecture teachers on an
+    accelerator, a loop of cache-sized batches on the CPU (faster there; see
+    :func:`kdfl.algorithms.kit.logits.models_logits`)."""
+    from kdfl.algorithms.kit.logits import models_logits
+
+    return models_logits(models, x, vectorize)
 
 
 def distill(
@@ -92,24 +97,36 @@ def distill(
         ``{"distill_loss": mean loss, "distill_steps": steps run}``.
     """
     s = settings
+    lam = extra_teacher[1] if extra_teacher is not None else 0.0
+    # the extra teacher is fixed (eval mode): its probabilities on every row, in one pass
+    q_extra = (torch.softmax(predict(extra_teacher[0], inputs) / s.temperature, dim=-1)
+               if extra_teacher is not None and lam > 0 and s.steps > 0 else None)
 
     def kd_loss(model: nn.Module, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(model.parameters()).device
         x, q = inputs[idx].to(device), targets[idx].to(device)
         out = model(x)  # one forward: BatchNorm statistics move once per step
         loss = kd_kl(out, q, s.temperature, s.t2)
-        if extra_teacher is not None and extra_teacher[1] > 0:
-            teacher, lam = extra_teacher
-            teacher.eval()
-            with torch.no_grad():
-                qe = torch.softmax(teacher(x) / s.temperature, dim=-1)
-            loss = loss + lam * kd_kl(out, qe, s.temperature, s.t2)
+        if q_extra is not None:
+            loss = loss + lam * kd_kl(out, q_extra[idx].to(device), s.temperature, s.t2)
         return loss, {}
 
     return distill_loop(student, len(inputs), kd_loss, s, generator, val)
 
 
 BatchLoss = Callable[[nn.Module, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+def batch_schedule(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[Tensor]:
+    """The rows of each of ``steps`` batches, drawn before the loop starts: consecutive
+    slices of a permutation of the ``n`` rows (the last slice may be shorter), a fresh
+    permutation from ``generator`` when the rows run out. The same batches, in the same
+    order, as drawing each permutation when it is needed (the permutations come from
+    ``generator`` in the same sequence; ``distill_loop`` owns it, so drawing the ones an
+    early stop leaves unused changes nothing)."""
+    per = -(-n // batch_size)  # batches per permutation
+    perms = [torch.randperm(n, generator=generator) for _ in range(-(-steps // per))]
+    return [perms[i // per][(i % per) * batch_size : (i % per + 1) * batch_size] for i in range(steps)]
 
 
 def distill_loop(student: nn.Module, n: int, batch_loss: BatchLoss, settings: DistillSettings,
@@ -130,14 +147,9 @@ def distill_loop(student: nn.Module, n: int, batch_loss: BatchLoss, settings: Di
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps) if s.cosine else None
     early = val is not None and s.patience > 0
     best_acc, best_step, best_state = -1.0, 0, None
-    sums: dict[str, float] = {}
+    sums: dict[str, Tensor] = {}  # float64 on the student's device: no host sync per step
     done = 0
-    perm, pos = torch.randperm(n, generator=generator), 0
-    for step in range(1, s.steps + 1):
-        if pos >= n:
-            perm, pos = torch.randperm(n, generator=generator), 0
-        idx = perm[pos : pos + s.batch_size]
-        pos += s.batch_size
+    for step, idx in enumerate(batch_schedule(n, s.batch_size, s.steps, generator), start=1):
         student.train()
         loss, terms = batch_loss(student, idx)
         opt.zero_grad(set_to_none=True)
@@ -148,7 +160,8 @@ def distill_loop(student: nn.Module, n: int, batch_loss: BatchLoss, settings: Di
         if sched is not None:
             sched.step()
         for k, v in {"distill_loss": loss, **terms}.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+            d = v.detach().double()
+            sums[k] = sums[k] + d if k in sums else d
         done = step
         if early and (step % s.eval_every == 0 or step == s.steps):
             assert val is not None
@@ -159,4 +172,4 @@ def distill_loop(student: nn.Module, n: int, batch_loss: BatchLoss, settings: Di
                 break
     if best_state is not None:
         student.load_state_dict(best_state)
-    return {**{k: v / max(done, 1) for k, v in sums.items()}, "distill_steps": float(done)}
+    return {**{k: float(v) / max(done, 1) for k, v in sums.items()}, "distill_steps": float(done)}

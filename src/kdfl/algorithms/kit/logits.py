@@ -6,10 +6,10 @@ probabilities."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdfl.aggregation import aggregate_tensors, make_aggregator
 from kdfl.rng import generator
@@ -129,3 +129,78 @@ def public_rows(task: Task, size: int, stream: str, round_num: int) -> Tensor:
     if not size or size >= n:
         return torch.arange(n)
     return torch.randperm(n, generator=generator(task.seed, stream, round_num))[:size].sort().values
+
+
+def same_architecture(models: Sequence[nn.Module]) -> bool:
+    """Whether ``models`` share one architecture: the same class and the same names and
+    shapes of their weights and buffers (what one vectorized pass needs)."""
+    first = models[0].state_dict()
+    shapes = [(k, tuple(v.shape), v.dtype) for k, v in first.items()]
+    return all(type(m) is type(models[0])
+               and [(k, tuple(v.shape), v.dtype) for k, v in m.state_dict().items()] == shapes for m in models[1:])
+
+
+@torch.no_grad()
+def stacked_logits(template: nn.Module, stacked: Mapping[str, Tensor], x: Tensor,
+                   batch_size: int | None = None) -> Tensor:
+    """Logits of K same-architecture models on the same inputs in one vectorized pass:
+    ``torch.func.vmap`` of ``template`` over weights stacked along a leading client axis.
+
+    For the clients of one round that upload logits on the same proxy rows (their
+    executor holds their trained weights stacked already), and for a server's teachers
+    (:func:`kdfl.algorithms.kit.distill.teacher_logits`). Eval mode, float32, on the CPU;
+    equal to a loop of :func:`kdfl.train.predict` up to float rounding (vmap turns
+    convolutions into grouped ones). On one CPU thread the loop was measured 2-3x faster
+    (benchmarks/round_cost.py's notes), on an accelerator one pass is the point.
+
+    Args:
+        template: a module of the architecture (its own weights are not used).
+        stacked: every entry of the architecture's state dict, (K, *shape).
+        x: (N, *input_shape) inputs shared by all K models.
+        batch_size: inputs per pass (None: :func:`kdfl.train.eval_batch_size` over K).
+
+    Returns:
+        (K, N, C) logits.
+    """
+    from torch.func import functional_call, vmap
+
+    from kdfl.train import eval_batch_size
+
+    k = len(next(iter(stacked.values())))
+    device = next(iter(stacked.values())).device
+    if batch_size is None:
+        batch_size = 2048 if device.type == "cuda" else max(1, eval_batch_size(template, x) // k)
+    names = dict(template.named_parameters())
+    params = {n: v for n, v in stacked.items() if n in names}
+    buffers = {n: v for n, v in stacked.items() if n not in names}
+    was_training = template.training
+    template.eval()
+    try:
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor) -> Tensor:
+            return functional_call(template, (p, b), (xb,))  # type: ignore[no-any-return]
+
+        run = vmap(one, in_dims=(0, 0, None))
+        outs = [run(params, buffers, x[s : s + batch_size].to(device)).float().cpu()
+                for s in range(0, len(x), batch_size)]
+    finally:
+        template.train(was_training)
+    return torch.cat(outs, 1) if outs else torch.zeros(k, 0, 0)
+
+
+def models_logits(models: Sequence[nn.Module], x: Tensor, vectorize: bool | None = None) -> Tensor:
+    """Each model's logits on ``x``, (K, N, C): one vectorized pass
+    (:func:`stacked_logits`) when ``vectorize`` and the models share an architecture, else
+    a loop of :func:`kdfl.train.predict`. ``vectorize=None`` vectorizes on an accelerator
+    only (on the CPU the loop is faster)."""
+    from kdfl.train import predict
+
+    if not models:
+        return torch.zeros(0, len(x), 0)
+    device = next(models[0].parameters()).device
+    if vectorize is None:
+        vectorize = device.type != "cpu"
+    if vectorize and len(models) > 1 and same_architecture(models):
+        states = [m.state_dict() for m in models]
+        stacked = {k: torch.stack([sd[k] for sd in states]) for k in states[0]}
+        return stacked_logits(models[0], stacked, x)
+    return torch.stack([predict(m, x) for m in models])
