@@ -10,11 +10,29 @@ from kdfl.types import KdflError
 
 
 def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(per-round records, summary) of a run directory."""
+    """(per-round records, summary) of a run directory.
+
+    Raises:
+        KdflError: ``run_dir`` does not exist, is a file, is not a run directory, or holds a
+            run that stopped before its first round ended (nothing to report yet).
+    """
     metrics = run_dir / "metrics.jsonl"
+    if not run_dir.exists():
+        raise KdflError(f"{run_dir} does not exist: pass the --out directory of a `kdfl run` (or a sweep's "
+                        "runs/... directory)")
+    if not run_dir.is_dir():
+        inside = (f": pass the directory it is in, {run_dir.parent}" if (run_dir.parent / metrics.name).is_file()
+                  else ": pass the --out directory of a `kdfl run`")
+        raise KdflError(f"{run_dir} is a file, not a run directory{inside}")
+    started = (run_dir / "config.toml").is_file()
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    if not records and started:
+        why = (f"; {run_dir / 'error.txt'} says why" if (run_dir / "error.txt").is_file()
+               else f"; run it again: kdfl run {run_dir / 'config.toml'} --out {run_dir} --resume")
+        raise KdflError(f"{run_dir} holds a run that stopped before its first round ended (no rounds in "
+                        f"{metrics.name}): nothing to report{why}")
     if not metrics.exists():
         raise KdflError(f"{run_dir} is not a kdfl run directory (no metrics.jsonl); pass the --out of `kdfl run`")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return records, summary
@@ -81,8 +99,90 @@ def distribution_text(label: str, split: str, accs: list[float]) -> str:
     return "\n".join([*lines, "```", ""])
 
 
+def setting(run_dir: Path) -> str | None:
+    """The data set, client count and partition of a run, from its ``config.toml``
+    ("digits, 10 clients, dirichlet(alpha=0.5)"); None when it has none."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    try:
+        cfg = tomllib.loads((run_dir / "config.toml").read_text())
+    except (OSError, ValueError):
+        return None
+    data, part = cfg.get("data", {}), dict(cfg.get("partition", {}))
+    name = part.pop("name", "?")
+    opts = ", ".join(f"{k}={v}" for k, v in part.items() if not isinstance(v, (dict, list)))
+    return f"{data.get('name', '?')}, {data.get('num_clients', '?')} clients, {name}{f'({opts})' if opts else ''}"
+
+
+def _title(what: str, runs: list[Path]) -> str:
+    """``what``, then the setting the runs share (when they share one)."""
+    shared = {setting(r) for r in runs}
+    return f"{what}: {shared.pop()}" if len(shared) == 1 and None not in shared else what
+
+
+NO_GLOBAL_MODEL = "no global model (per-client accuracy: client_accuracy.png)"
+
+
+def integer_rounds(ax: Any) -> None:
+    """Round ticks on whole numbers only (a 3-round plot has no round 2.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def client_accuracy_figure(per_client: dict[str, tuple[str, list[float]]], title: str = "Per-client accuracy") -> Any:
+    """A box per run and its clients as points over it (jittered sideways), side by side,
+    so that no run hides another however close their accuracies are.
+
+    Args:
+        per_client: run label -> (split, per-client accuracies), as :func:`client_accuracies`.
+
+    Returns:
+        The matplotlib figure; each run's points are one collection whose ``gid`` is its label.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(per_client)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) + 2), 4))
+    rng = np.random.default_rng(0)  # the same jitter on every call: reports are reproducible
+    for i, name in enumerate(labels):
+        split, accs = per_client[name]
+        a = np.asarray(accs, dtype=float)
+        color = f"C{i % 10}"
+        box = ax.boxplot([a], positions=[i], widths=0.5, showfliers=False, patch_artist=True,
+                         medianprops={"color": color})
+        for patch in box["boxes"]:
+            patch.set(facecolor=color, alpha=0.25, edgecolor=color, gid=name)
+        pts = ax.scatter(i + rng.uniform(-0.18, 0.18, len(a)), a, s=14, color=color, alpha=0.8, zorder=3,
+                         label=f"{name} ({split}, {len(a)} clients)")
+        pts.set_gid(name)
+        if len(a) > 1 and float(a.max() - a.min()) == 0.0:  # e.g. every client holds the same global model
+            ax.annotate(f"all {len(a)} equal", (i, float(a[0])), textcoords="offset points", xytext=(0, 8),
+                        ha="center", fontsize=7)
+    ax.set_xticks(range(len(labels)), [f"{n}\n({per_client[n][0]})" for n in labels], fontsize=8,
+                  rotation=20 if len(labels) > 4 else 0)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set(ylabel="client accuracy", title=title)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def _shared(texts: dict[str, str]) -> list[tuple[list[str], str]]:
+    """Group run labels by identical text, in first-seen order: [(labels, text), ...]."""
+    groups: dict[str, list[str]] = {}
+    for name, text in texts.items():
+        groups.setdefault(text, []).append(name)
+    return [(names, text) for text, names in groups.items()]
+
+
 def report(runs: list[Path], out: Path | None = None) -> list[Path]:
-    """Write accuracy-vs-round and accuracy-vs-uplink plots and ``summary.md``."""
+    """Write accuracy-vs-round and accuracy-vs-uplink plots, per-client accuracy (when the
+    runs evaluated their clients) and ``summary.md``."""
     data = {run: read_run(run)[0] for run in runs}  # every run is checked before anything is written
     import matplotlib
 
@@ -93,7 +193,7 @@ def report(runs: list[Path], out: Path | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     fig1, ax1 = plt.subplots(figsize=(6, 4))
     fig2, ax2 = plt.subplots(figsize=(6, 4))
-    for run in runs:
+    for i, run in enumerate(runs):
         records = data[run]
         cum, xs, rs, accs = 0.0, [], [], []
         for r in records:
@@ -102,39 +202,42 @@ def report(runs: list[Path], out: Path | None = None) -> list[Path]:
                 xs.append(cum)
                 rs.append(r["round"])
                 accs.append(r["accuracy"])
-        ax1.plot(rs, accs, marker=".", label=_label(run))
-        ax2.plot(xs, accs, marker=".", label=_label(run))
-    ax1.set(xlabel="round", ylabel="test accuracy", title="Accuracy vs round")
-    ax2.set(xlabel="cumulative uplink (MB, all clients)", ylabel="test accuracy", title="Accuracy vs uplink")
+        color = f"C{i % 10}"
+        if not accs:  # FedProto, local training, ...: a legend note instead of a line that is not there
+            for ax in (ax1, ax2):
+                ax.plot([], [], ls="none", marker="x", color=color, label=f"{_label(run)}: {NO_GLOBAL_MODEL}")
+            continue
+        ax1.plot(rs, accs, marker=".", color=color, label=_label(run))
+        ax2.plot(xs, accs, marker=".", color=color, label=_label(run))
+    ax1.set(xlabel="round", ylabel="test accuracy (global model)", title=_title("Accuracy vs round", runs))
+    ax2.set(xlabel="cumulative uplink (MB, all clients)", ylabel="test accuracy (global model)",
+            title=_title("Accuracy vs uplink", runs))
+    integer_rounds(ax1)
     ax2.set_xscale("symlog", linthresh=0.01)
     paths = []
     for fig, ax, name in ((fig1, ax1, "accuracy_vs_round.png"), (fig2, ax2, "accuracy_vs_uplink.png")):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        ax.title.set_fontsize(10)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         paths.append(out / name)
     per_client = {run: client_accuracies(run, data[run]) for run in runs}
-    if any(v is not None for v in per_client.values()):
-        fig3, ax3 = plt.subplots(figsize=(6, 4))
-        for run, v in per_client.items():
-            if v is not None:
-                ax3.hist(v[1], bins=20, range=(0.0, 1.0), alpha=0.5, label=f"{_label(run)} ({v[0]})")
-        ax3.set(xlabel="client accuracy", ylabel="clients", title="Per-client accuracy")
-        ax3.legend(fontsize=8)
-        fig3.tight_layout()
+    shown = {_label(run): v for run, v in per_client.items() if v is not None}
+    if shown:
+        fig3 = client_accuracy_figure(shown, _title("Per-client accuracy", runs))
         fig3.savefig(out / "client_accuracy.png", dpi=120)
         plt.close(fig3)
         paths.append(out / "client_accuracy.png")
     text = summary_table(runs)
-    for run, v in per_client.items():
-        if v is not None:
-            text += "\n" + distribution_text(_label(run), *v)
-    for run in runs:  # the per-client label counts, so skew is visible next to the results
-        part = run / "partition.txt"
-        if part.exists():
-            text += f"\n### Partition of {_label(run)} (label counts per client)\n\n```\n{part.read_text().rstrip()}\n```\n"
+    scores = {name: json.dumps(v) for name, v in shown.items()}
+    for names, _ in _shared(scores):  # runs whose clients scored the same: one histogram
+        text += "\n" + distribution_text(", ".join(names), *shown[names[0]])
+    parts = {_label(run): (run / "partition.txt").read_text().rstrip() for run in runs
+             if (run / "partition.txt").exists()}
+    for names, part in _shared(parts):  # the per-client label counts, once per distinct partition
+        text += f"\n### Partition of {', '.join(names)} (label counts per client)\n\n```\n{part}\n```\n"
     (out / "summary.md").write_text(text)
     paths.append(out / "summary.md")
     return paths
