@@ -15,6 +15,14 @@ def state_of(model: nn.Module) -> StateDict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def to_device(payload: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """``payload`` with every tensor on ``device`` (itself when all already are): what the wire
+    decodes lands on the host, and lands once on the device that uses it."""
+    if all(not isinstance(v, Tensor) or v.device == device for v in payload.values()):
+        return payload
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in payload.items()}
+
+
 def is_float(t: Tensor) -> bool:
     return t.is_floating_point()
 

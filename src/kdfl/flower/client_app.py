@@ -37,6 +37,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from kdfl import privacy as dp
+from kdfl import tree
 from kdfl.algorithms.program import run_client
 from kdfl.flower.federation import Prepared, config_digest, prepare_text
 from kdfl.flower.records import (
@@ -161,7 +162,8 @@ def train(msg: Message, context: Context) -> Message:
     conf = msg.content.config_records["config"]
     p = run_config(conf, context)
     cid, round_num = int(conf["client-id"]), int(conf["round"])  # type: ignore[arg-type]
-    downlink = unpack(record_to_payload(msg.content.array_records["payload"]), p.downlink_codec)
+    downlink = tree.to_device(unpack(record_to_payload(msg.content.array_records["payload"]), p.downlink_codec),
+                              p.fed.task.device)
     update, norm = client_update(p, context, cid, round_num, downlink)
     metrics: dict[str, int | float] = {"num-examples": int(update.num_examples)}
     if norm is not None:
@@ -189,7 +191,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     stored = load_client_state(context.state.get(STATE_KEY))
     info = ClientInfo(cid, p.fed.task.client_archs[cid], round_num)
     client = make_client(p.fed.task, p.engine.partitions[cid], info, stored, None)
-    downlink = unpack(record_to_payload(msg.content.array_records["payload"]), p.downlink_codec)
+    downlink = tree.to_device(unpack(record_to_payload(msg.content.array_records["payload"]), p.downlink_codec),
+                              p.fed.task.device)
     result = evaluate_client(p.fed.algorithm, p.fed.task, downlink, client, p.engine.holdout(cid))
     return Message(RecordDict({"metrics": MetricRecord({f"m.{k}": float(v) for k, v in result.items()})}),
                    reply_to=msg)

@@ -61,6 +61,7 @@ from flwr.common.logger import log as flog
 from flwr.serverapp import Grid, ServerApp
 
 from kdfl import privacy as dp
+from kdfl import tree
 from kdfl.config import Config
 from kdfl.flower import secagg as secagg_mod
 from kdfl.flower.client_app import CONFIG_SHA, CONFIG_TEXT, DP_NORM_KEY, PARTITION_QUERY
@@ -196,7 +197,8 @@ class FlowerTransport:
                 norms.append(float(m[DP_NORM_KEY]))  # type: ignore[arg-type]
             received: Payload | None
             try:
-                received, reject = unpack(record_to_payload(arrays), p.uplink_codec), None
+                received = tree.to_device(unpack(record_to_payload(arrays), p.uplink_codec), p.fed.task.device)
+                reject = None
             except PayloadError as e:
                 received, reject = None, str(e)
             replies.append(Reply(info.id, num_examples, received, metrics, nbytes(arrays), reject=reject))

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from kdfl import privacy as dp
-from kdfl import wire
+from kdfl import tree, wire
 from kdfl.compression import Codec
 from kdfl.rng import derive
 from kdfl.simulation import checkpoint
@@ -122,7 +122,8 @@ class LocalTransport:
         for _, payload in jobs:
             if id(payload) not in cache:
                 buf = wire.encode(pack(payload, self.downlink_codec))
-                cache[id(payload)] = (len(buf), unpack(wire.decode(buf), self.downlink_codec), payload)  # keeps id alive
+                decoded = tree.to_device(unpack(wire.decode(buf), self.downlink_codec), self.task.device)
+                cache[id(payload)] = (len(buf), decoded, payload)  # keeps id alive
             nb, decoded, _ = cache[id(payload)]
             out.append((nb, decoded))
         return out
@@ -183,7 +184,9 @@ class LocalTransport:
                 continue
             received: Payload | None
             try:
-                received, reject = unpack(wire.decode(buf, wire.upload_limit()), self.uplink_codec), None
+                received = tree.to_device(unpack(wire.decode(buf, wire.upload_limit()), self.uplink_codec),
+                                          self.task.device)
+                reject = None
             except PayloadError as e:
                 received, reject = None, str(e)
             replies[u.client_id] = Reply(u.client_id, u.num_examples, received, u.metrics, len(buf), reject=reject)

@@ -85,7 +85,7 @@ from kdfl.algorithms.program import (
 )
 from kdfl.losses import Batch, Outputs
 from kdfl.simulation.executors import ClientFailure, Job, Result
-from kdfl.train import batch_indices, model_outputs
+from kdfl.train import _to, batch_indices, model_outputs
 from kdfl.types import Algorithm, Client, ClientState, ClientUpdate, KdflError, Payload, Task, TensorData
 
 log = logging.getLogger(__name__)
@@ -207,12 +207,15 @@ def _loss_on(models: Mapping[str, nn.Module], ph: Phase, data: Data | TensorData
     def call(model: str, method: str, *args: Tensor) -> Tensor:
         return getattr(models[model], method)(*args)  # type: ignore[no-any-return]
 
-    x = data.x[rows]
+    dev = next(models[ph.on_batch[0]].parameters()).device  # the probe runs where the models live
+    x = data.x[rows].to(dev)
     values = {name: model_outputs(models[name], x, ph.outputs) for name in ph.on_batch}
     targets = getattr(data, "targets", {})
-    batch = Batch(x, None if data.y is None else data.y[rows], rows, {k: v[rows] for k, v in targets.items()})
+    batch = Batch(x, None if data.y is None else data.y[rows].to(dev), rows,
+                  {k: v[rows].to(dev) for k, v in targets.items()})
     params = {name: dict(models[name].named_parameters()) for name in ph.forward}
-    return ph.loss(Outputs(values, params, call), batch, ph.consts).reshape(())
+    consts = {k: _to(v, dev) for k, v in ph.consts.items()}
+    return ph.loss(Outputs(values, params, call), batch, consts).reshape(())
 
 
 def _reference(task: Task, client: Client, program: Program) -> Result:
@@ -290,6 +293,9 @@ class Vectorized:
                 if broken:
                     raise _Unbatchable(f"architecture {broken[0]!r} could not be batched earlier: "
                                        f"{self._broken[broken[0]]}")
+                declined = self.declines(task, program)
+                if declined:
+                    raise _Unbatchable(declined)
             except _Unbatchable as why:
                 self._sequential_one(task, results, pos, client, program, str(why))
                 continue
@@ -299,6 +305,12 @@ class Vectorized:
                 results[pos] = res
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
+
+    def declines(self, task: Task, program: Program) -> str:
+        """Why a program that could batch runs one client at a time all the same ("": it
+        batches). This executor batches whatever it can; subclasses decline by structure
+        (see :class:`kdfl.simulation.auto.Batched`)."""
+        return ""
 
     def _sequential_one(self, task: Task, results: list[Result | None], pos: int, client: Client,
                         program: Program, why: str) -> None:
