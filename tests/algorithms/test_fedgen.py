@@ -120,7 +120,9 @@ def test_defaults_follow_the_reference():
     assert FedGen(alpha=0.0, beta=2.0).weights_at(1000) == (0.0, 1e-4)  # a weight of 0 stays 0
     # the reference's MNIST generator (noise 32, hidden 256, latent 32, C = 10): 19,744 parameters
     assert sum(p.numel() for p in Generator(10, 32).parameters()) == 19_744
-    for bad in ({"alpha": -1.0}, {"decay": 0.0}, {"gen_batch_size": 1}, {"gen_lr": 0.0}, {"aggregator": "nope"}):
+    assert alg.latent == "pre_activation"  # the reference's latent: a Linear's signed output
+    for bad in ({"alpha": -1.0}, {"decay": 0.0}, {"gen_batch_size": 1}, {"gen_lr": 0.0}, {"aggregator": "nope"},
+                {"latent": "logits"}):
         with pytest.raises(KdflError):
             FedGen(**bad)
 
@@ -180,10 +182,13 @@ def test_generated_targets_come_from_the_clients_stream():
     gen.eval()
     g = c.generator(NOISE_STREAM)
     with torch.no_grad():
-        torch.testing.assert_close(t["z"], gen(torch.rand(12, 3, generator=g), parts[0].y))
+        # latent = "pre_activation": the generator's signed outputs through the features' ReLU
+        raw = gen(torch.rand(12, 3, generator=g), parts[0].y)
+        assert bool((raw < 0).any())
+        torch.testing.assert_close(t["z"], raw.clamp(min=0))
         y_gen = torch.tensor([0, 2, 3])[torch.randint(3, (12,), generator=g)]
         assert torch.equal(t["y_gen"], y_gen) and not (t["y_gen"] == 1).any()
-        torch.testing.assert_close(t["z_gen"], gen(torch.rand(12, 3, generator=g), y_gen))
+        torch.testing.assert_close(t["z_gen"], gen(torch.rand(12, 3, generator=g), y_gen).clamp(min=0))
     # round 1 (no generator in the downlink yet): plain cross-entropy, one shared phase
     first = alg.configure(task, alg.init(task), c.info)
     assert first.keys() == state.params.keys()
@@ -231,7 +236,7 @@ def test_diversity_loss_by_hand():
 
 def test_server_generator_step_and_fedavg():
     task = hand_task()
-    alg = FedGen(gen_steps=1, noise_dim=2, hidden=4)
+    alg = FedGen(gen_steps=1, noise_dim=2, hidden=4, latent="features")  # Tiny: signed features, no ReLU
     state = alg.init(task)
     state = dataclasses.replace(state, params={"classifier.weight": W0.clone()})
     d0, d1 = torch.tensor([[1.0, 0.0], [0.0, -1.0]]), torch.tensor([[0.0, 1.0], [2.0, 0.0]])
@@ -272,7 +277,7 @@ def test_server_generator_step_and_fedavg():
 
 def test_validate_rejects_each_malformed_payload():
     task = hand_task()
-    alg = FedGen()
+    alg = FedGen(latent="features")  # Tiny's features are its (signed) inputs
     state = dataclasses.replace(alg.init(task), params={"classifier.weight": W0.clone()})
     good = {"delta.classifier.weight": torch.zeros(2, 2), "label_counts": torch.tensor([1, 0])}
     alg.validate(task, state, ClientUpdate(0, 1, good))
@@ -298,6 +303,37 @@ def test_needs_one_architecture_and_a_head():
     flat.build_model = lambda arch: nn.Linear(2, 2)
     with pytest.raises(KdflError, match="feature_dim"):
         FedGen().init(flat)
+    with pytest.raises(KdflError, match="features of 'tiny' can be negative.*latent = 'features'"):
+        FedGen().init(hand_task())
+
+
+def test_server_teacher_loss_sees_the_latents_through_the_relu():
+    # the server step of test_server_generator_step_and_fedavg on a model whose features
+    # are post-ReLU: the heads classify relu(G(eps, y)), the diversity loss sees G(eps, y)
+    task = hand_task()
+    task.build_model = lambda arch: ReluTiny()
+    alg = FedGen(gen_steps=1, noise_dim=2, hidden=4)
+    state = dataclasses.replace(alg.init(task), params={"classifier.weight": W0.clone()})
+    ups = [ClientUpdate(0, 1, {"delta.classifier.weight": torch.zeros(2, 2), "label_counts": torch.tensor([2, 1])})]
+    _, metrics = alg.server_update(task, state, ups)
+    g = rng.generator(task.seed, "fedgen", 1)
+    y = torch.tensor([0, 1])[torch.randint(2, (32,), generator=g)]
+    eps = torch.rand(32, 2, generator=g)
+    gen = Generator(2, 2, 2, 4)
+    gen.load_state_dict(state.generator)
+    with torch.no_grad():
+        z = gen.train()(eps, y)
+    assert bool((z < 0).any())  # the ReLU bites
+    teach = float(torch.nn.functional.cross_entropy(z.clamp(min=0) @ W0.T, y))  # one client: weight 1
+    assert metrics["generator_teacher_loss"] == pytest.approx(teach, rel=1e-5)
+    assert metrics["generator_diversity_loss"] == pytest.approx(float(diversity_loss(eps, z)), rel=1e-5)
+
+
+class ReluTiny(Tiny):
+    """Tiny with features relu(x): non-negative, as the zoo's models' features are."""
+
+    def _trunk(self, x: Tensor, maps: list[Tensor] | None) -> Tensor:
+        return torch.relu(x)
 
 
 def test_executors_agree_and_batch_on_a_round_with_a_generator():

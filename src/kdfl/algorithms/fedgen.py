@@ -106,6 +106,7 @@ LABELS = "gen_labels"  # downlink: (C,) bool, the labels ŷ is drawn from
 COUNTS = "label_counts"  # upload: (C,) int64 label histogram
 NOISE_STREAM = 1000  # the client's stream of generated latents (phase 0 draws batches from stream 0)
 FLOOR = 1e-4  # the reference's floor of the decayed α_t, β_t
+LATENTS = ("pre_activation", "features")
 
 
 class Generator(nn.Module):
@@ -227,6 +228,14 @@ class FedGen:
         diversity: η, the weight of the diversity loss (1).
         reference_weighting: the reference code's collapsed per-user weight of the teacher
             loss instead of the per-sample label weights.
+        latent: where the generator's outputs live. "pre_activation" (default): the signed
+            output of the model's last hidden Linear, before the ReLU that makes the
+            features, as the reference's latent is its ``encode_fc1`` output (a Linear's,
+            signed); the heads see it through that ReLU (``head(relu(G(ε, y)))``, as the
+            layer's real outputs reach the head). Needs a model whose features are
+            non-negative (mlp, cnn, vgg9, the resnets). "features": the generator's
+            outputs go straight into the head (the earlier behaviour: signed vectors in a
+            space whose real points are all non-negative).
         aggregator: rule for the deltas, as FedAvg's ("mean" = the reference).
     """
 
@@ -243,6 +252,7 @@ class FedGen:
     gen_weight_decay: float = 1e-2
     diversity: float = 1.0
     reference_weighting: bool = False
+    latent: str = "pre_activation"
     aggregator: str = "mean"
 
     def __post_init__(self) -> None:
@@ -256,7 +266,13 @@ class FedGen:
             raise KdflError("fedgen: noise_dim >= 1, hidden >= 1, gen_steps >= 0, gen_batch_size >= 2 (BatchNorm) and "
                             f"gen_lr > 0 are required (got noise_dim={self.noise_dim}, hidden={self.hidden}, "
                             f"gen_steps={self.gen_steps}, gen_batch_size={self.gen_batch_size}, gen_lr={self.gen_lr})")
+        if self.latent not in LATENTS:
+            raise KdflError(f"fedgen: latent must be one of {LATENTS}, got {self.latent!r}")
         weights.check_aggregator(self.aggregator)
+
+    def to_head(self, z: Tensor) -> Tensor:
+        """The generator's outputs as the head's inputs (see ``latent``)."""
+        return F.relu(z) if self.latent == "pre_activation" else z
 
     @property
     def uses_generator(self) -> bool:
@@ -279,10 +295,27 @@ class FedGen:
     def init(self, task: Task) -> FedGenState:
         weights.require_homogeneous("FedGen", task)
         dim = arch_feature_dim(task, task.server_arch, "fedgen (latents for the classifier head)")
+        if self.latent == "pre_activation" and self.uses_generator:
+            self._check_nonnegative_features(task)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(rng.derive(task.seed, "fedgen-init"))
             gen = self.new_generator(task, dim)
         return FedGenState(weights.init_params(task), 0, tree.state_of(gen))
+
+    @staticmethod
+    def _check_nonnegative_features(task: Task) -> None:
+        model = task.borrow_model(task.server_arch)
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                x = torch.randn(16, *task.input_shape, device=next(model.parameters()).device)
+                z = model.features(x)  # type: ignore[operator]
+        finally:
+            task.return_model(task.server_arch, model)
+        if bool((z < 0).any()):
+            raise KdflError(f"fedgen: latent = 'pre_activation' passes generated latents through a ReLU, but the "
+                            f"features of {task.server_arch!r} can be negative (no ReLU before its head); set "
+                            "algorithm.latent = 'features'")
 
     def configure(self, task: Task, state: ServerState, client: ClientInfo) -> Payload:
         assert isinstance(state, FedGenState)
@@ -318,10 +351,10 @@ class FedGen:
         avail = torch.nonzero(labels).flatten()
         if len(avail) == 0:
             raise KdflError("fedgen: the downlink's gen_labels names no label")
-        with torch.no_grad():
-            z = gen(torch.rand(n, self.noise_dim, generator=g), y)
+        with torch.no_grad():  # the head's inputs (``to_head``): the generator is frozen here
+            z = self.to_head(gen(torch.rand(n, self.noise_dim, generator=g), y))
             y_gen = avail[torch.randint(len(avail), (n,), generator=g)]
-            z_gen = gen(torch.rand(n, self.noise_dim, generator=g), y_gen)
+            z_gen = self.to_head(gen(torch.rand(n, self.noise_dim, generator=g), y_gen))
         return {"z": z, "z_gen": z_gen, "y_gen": y_gen}
 
     def client_program(self, task: Task, downlink: Payload, client: Client) -> Program:
@@ -373,14 +406,17 @@ class FedGen:
                 model.load_state_dict(weights.apply_delta(state.params, delta))
                 model.eval()
                 model.requires_grad_(False)
-            sums = {"generator_loss": 0.0, "generator_teacher_loss": 0.0, "generator_diversity_loss": 0.0}
+            # float64 sums on the device: no host sync per step (the same sums as Python floats)
+            sums = {k: torch.zeros((), dtype=torch.float64, device=dev)
+                    for k in ("generator_loss", "generator_teacher_loss", "generator_diversity_loss")}
             gen.train()
             for _ in range(self.gen_steps):
                 y = qualified[torch.randint(len(qualified), (self.gen_batch_size,), generator=g)]
                 eps = torch.rand(self.gen_batch_size, self.noise_dim, generator=g)
                 y, eps = y.to(dev), eps.to(dev)
                 z = gen(eps, y)
-                teach = teacher_loss([m.head(z) for m in heads], y, w, self.reference_weighting)  # type: ignore[operator]
+                h = self.to_head(z)
+                teach = teacher_loss([m.head(h) for m in heads], y, w, self.reference_weighting)  # type: ignore[operator]
                 div = diversity_loss(eps, z)
                 loss = teach + self.diversity * div
                 opt.zero_grad(set_to_none=True)
@@ -388,12 +424,12 @@ class FedGen:
                 opt.step()
                 for key, v in (("generator_loss", loss), ("generator_teacher_loss", teach),
                                ("generator_diversity_loss", div)):
-                    sums[key] += float(v.detach())
+                    sums[key] += v.detach().double()
         finally:
             for model in heads:
                 model.requires_grad_(True)
                 task.return_model(arch, model)
-        metrics = {k: v / self.gen_steps for k, v in sums.items()}
+        metrics = {k: float(v) / self.gen_steps for k, v in sums.items()}
         if not math.isfinite(metrics["generator_loss"]):
             raise KdflError(f"fedgen: the generator's training diverged (loss {metrics['generator_loss']}): "
                             "lower algorithm.gen_lr")
