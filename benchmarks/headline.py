@@ -32,7 +32,10 @@ COMMON = ["data.num_clients=20", "partition.name=dirichlet", "partition.alpha=0.
 EMA = ["algorithm.name=fedema_distill", "algorithm.class_weighting=true"]
 METHODS = {
     "FedAvg": ["algorithm.name=fedavg"],
-    "FedDF": ["algorithm.name=feddf"],
+    # pinned to the settings its table was made with (FedDF's defaults until they became the
+    # released code's)
+    "FedDF": ["algorithm.name=feddf", "algorithm.distill.steps=500", "algorithm.distill.patience=0",
+              "algorithm.ensemble=probs", "algorithm.average=examples"],
     "FedEMA-Distill mean": [*EMA, "algorithm.aggregator=mean"],
     "FedEMA-Distill median": [*EMA, "algorithm.aggregator=median"],
     "FedEMA-Distill trimmed": [*EMA, "algorithm.aggregator=trimmed_mean:beta=0.2"],

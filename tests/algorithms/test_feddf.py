@@ -1,7 +1,9 @@
-"""FedDF: zero distillation equals FedAvg; drop-worst rule; learning with two architectures."""
+"""FedDF: zero distillation equals FedAvg; drop-worst rule; the released code's defaults
+and its selection on the validation slice; learning with two architectures."""
 
 import dataclasses
 
+import pytest
 import torch
 from helpers import blob_task
 from torch import nn
@@ -14,8 +16,56 @@ from kdfl.train import LocalSGD
 LOCAL = LocalSGD(epochs=2, batch_size=16, lr=0.1)
 
 
-def steps(n):
-    return dataclasses.replace(feddf_distill(), steps=n)
+def steps(n, patience=0, **kw):
+    """``n`` distillation steps; no selection unless ``patience`` (blob_task has no validation slice)."""
+    return dataclasses.replace(feddf_distill(), steps=n, patience=patience, **kw)
+
+
+def test_defaults_follow_the_released_code():
+    # README's FedDF command: total_n_server_pseudo_batches=10000, eval_batches_freq=100,
+    # early_stopping_server_batches=1000, update_student_scheme=avg_logits, --batch_size 64
+    alg = FedDF()
+    d = alg.distill
+    assert (d.steps, d.eval_every, d.patience, d.batch_size, d.lr, d.optimizer, d.cosine) == (
+        10_000, 100, 1000, 64, 1e-3, "adam", True)
+    assert (d.temperature, d.t2, d.grad_clip) == (1.0, False, 5.0)
+    assert (alg.ensemble, alg.average, alg.drop_worst, alg.average_candidate) == ("logits", "uniform", False, False)
+
+
+def test_selection_needs_a_validation_slice():
+    from kdfl.types import KdflError
+
+    task, _ = blob_task()
+    with pytest.raises(KdflError, match=r"data.val_size > 0, or turn selection off with \[algorithm.distill\] patience = 0"):
+        FedDF(local=LOCAL).init(task)
+    FedDF(local=LOCAL, distill=steps(10)).init(task)  # the cheaper variant without selection
+
+
+def with_val(task):
+    return dataclasses.replace(task, val=task.test.subset(list(range(0, len(task.test), 4))))
+
+
+def test_selection_keeps_the_best_checkpoint_and_the_average_can_win():
+    task, parts = blob_task()
+    task = with_val(task)
+    # uniform FedAvg round = FedDF without distillation (the averaged model)
+    avg = Engine(FedDF(local=LOCAL, distill=steps(0)), task, parts, RunSettings(rounds=1)).run().state.params
+    # a destructive server loop (SGD at lr 50): every checkpoint validates worse than the
+    # average, so with the average as a candidate the round ends on the averaged model
+    bad = steps(200, patience=100, eval_every=50, lr=50.0, optimizer="sgd", cosine=False, grad_clip=0.0)
+    hist = Engine(FedDF(local=LOCAL, distill=bad, average_candidate=True), task, parts, RunSettings(rounds=1)).run()
+    assert hist.records[0]["kept_average"] == 1.0
+    for k in avg:
+        assert torch.equal(hist.state.params[k], avg[k])
+    # without the candidate the (worse) selected checkpoint replaces it, as the released default
+    worse = Engine(FedDF(local=LOCAL, distill=bad), task, parts, RunSettings(rounds=1)).run().state.params
+    assert any(not torch.equal(worse[k], avg[k]) for k in avg)
+    # a sound loop with selection: the chosen student is at least as good on validation as
+    # the last step's (the selection's point), and stops early once patience runs out
+    good = steps(400, patience=100, eval_every=50)
+    sel = Engine(FedDF(local=LOCAL, distill=good), task, parts, RunSettings(rounds=2)).run()
+    assert all(r["distill_steps"] <= 400 for r in sel.records)
+    assert sel.summary["final_accuracy"] > 0.9
 
 
 def test_zero_distillation_steps_equals_fedavg():
