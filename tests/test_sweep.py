@@ -274,3 +274,33 @@ def test_a_finished_run_of_another_config_is_stale_never_reused_nor_overwritten(
     assert "Left out: 1 stale run(s)" in (tmp_path / "out" / "results.md").read_text()
     assert cli.main(["sweep", str(p2), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith("stale")
+
+
+def test_plots_name_the_cell_note_methods_without_a_global_model_and_tick_whole_rounds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-cell sweep's figure is titled with the sweep and the runs' setting (never
+    "Accuracy vs round: -"); FedProto (no test accuracy) is a legend note, not a missing line."""
+    from matplotlib.figure import Figure
+
+    saved: list[Figure] = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), real(self, *a, **k))[1])
+    p = write(tmp_path, TINY + '[methods.fedavg]\n"algorithm.name" = "fedavg"\n'
+                               '[methods.fedproto]\n"algorithm.name" = "fedproto"\n')
+    sw = sweep.load(p, out=tmp_path / "out")
+    results = []
+    for run in sw.runs():
+        run.out.mkdir(parents=True)
+        (run.out / "config.toml").write_text('[data]\nname = "digits"\nnum_clients = 4\n[partition]\nname = "iid"\n')
+        recs = [{"round": r, "uplink_bytes": 100, **({"accuracy": 0.2 * r} if run.method == "fedavg" else {})}
+                for r in (1, 2, 3)]
+        results.append(sweep.RunResult(run, recs, {}, None))
+    (path,) = sweep.plot(sw, results, {(m, ()): () for m in sw.methods})
+    fig = saved[-1]
+    assert path.is_file() and fig._suptitle is not None
+    assert fig._suptitle.get_text() == "s.toml: digits, 4 clients, iid"
+    ax1 = fig.axes[0]
+    assert ax1.get_title() == "Accuracy vs round" and "-" not in ax1.get_title()
+    legend = [t.get_text() for t in ax1.get_legend().get_texts()]
+    assert legend[0] == "fedavg, 2 seeds" and legend[1].startswith("fedproto: no global model")
+    assert all(float(t).is_integer() for t in ax1.get_xticks())

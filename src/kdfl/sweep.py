@@ -662,12 +662,16 @@ def tables(sw: Sweep, results: list[RunResult]) -> tuple[str, str, str]:
 
 def plot(sw: Sweep, results: list[RunResult], chosen: dict[tuple[str, Assignment], Assignment]) -> list[Path]:
     """One figure per cell: accuracy vs round (mean, band min-max over seeds) and accuracy
-    vs cumulative uplink MB (mean over seeds), one line per method at its kept tuning."""
+    vs cumulative uplink MB (mean over seeds), one line per method at its kept tuning; a
+    method without a global model (FedProto, ...) gets a note in the legend instead. The
+    title names the sweep, the cell's setting (data set, clients, partition) and the cell."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
+    from kdfl.report import NO_GLOBAL_MODEL, integer_rounds, setting
 
     out = sw.out / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -675,10 +679,14 @@ def plot(sw: Sweep, results: list[RunResult], chosen: dict[tuple[str, Assignment
     for cell in sw.cells():
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         drawn = False
+        where = next((w for r in results if r.run.cell == cell and (w := setting(r.run.out))), None)
         for method in sw.methods:
             tuning = chosen.get((method, cell))
             rs = [r for r in results if r.run.method == method and r.run.cell == cell and r.run.tuning == tuning]
             curves = [r.curve() for r in rs if r.curve()]
+            if rs and not curves:  # finished runs, no test accuracy: no global model to evaluate
+                for ax in (ax1, ax2):
+                    ax.plot([], [], ls="none", marker="x", color="grey", label=f"{method}: {NO_GLOBAL_MODEL}")
             if not curves:
                 continue
             n = min(len(c) for c in curves)
@@ -693,8 +701,12 @@ def plot(sw: Sweep, results: list[RunResult], chosen: dict[tuple[str, Assignment
         if not drawn:
             plt.close(fig)
             continue
-        ax1.set(xlabel="round", ylabel="test accuracy", title=f"Accuracy vs round: {label(cell)}")
-        ax2.set(xlabel="cumulative uplink MB (all clients)", ylabel="test accuracy", title="Accuracy vs uplink")
+        ax1.set(xlabel="round", ylabel="test accuracy (global model)", title="Accuracy vs round")
+        ax2.set(xlabel="cumulative uplink MB (all clients)", ylabel="test accuracy (global model)",
+                title="Accuracy vs uplink")
+        fig.suptitle(sw.path.name + (f": {where}" if where else "") + (f" (cell {label(cell)})" if cell else ""),
+                     fontsize=10)
+        integer_rounds(ax1)
         ax2.set_xscale("symlog", linthresh=0.01)
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
