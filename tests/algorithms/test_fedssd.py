@@ -111,3 +111,15 @@ def test_learns_on_digits():
     assert hist.records[-1]["failed"] == [] and hist.records[-1]["rejected"] == []
     assert accs[-1] > 0.75 and accs[-1] > accs[0], accs
     assert 0 <= hist.records[-1]["credibility_mean"] <= 1
+
+
+def test_class_credibility_needs_the_validation_slice():
+    no_val = [k for k in BASE if not k.startswith("data.val_size")]
+    with pytest.raises(KdflError, match=r"set data.val_size > 0 .* algorithm.class_level = false"):
+        experiment.run(config_mod.load(None, [*no_val, "algorithm.name=fedssd", "run.rounds=1"]))
+    # explicitly off: every class credibility is 1 (only the sample level selects)
+    off = experiment.run(config_mod.load(None, [*no_val, "algorithm.name=fedssd", "algorithm.class_level=false",
+                                                "run.rounds=1"]))
+    assert off.records[-1]["credibility_mean"] == 1.0
+    # with the slice the class level is on: the credibility of a 1-round model is below 1
+    assert run("algorithm.name=fedssd", "run.rounds=1").records[-1]["credibility_mean"] < 1.0

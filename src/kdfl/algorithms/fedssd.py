@@ -18,9 +18,11 @@ the authors' code):
    labelled server validation slice ``task.val``, from its confusion matrix
    ``N[j, k]`` (true j, predicted k): ``c_k = A_kk · (1 − max_{j≠k} N[j, k] / Σ_i N[j, i])``
    with ``A_kk`` the recall of class k (a class without validation samples, and confusion
-   from a class without samples, count 0, as there). Without ``task.val`` every ``c_k = 1``
-   (our choice: only the sample level then selects). ``c`` travels in the downlink beside
-   θ_g (C floats).
+   from a class without samples, count 0, as there). It needs the slice: without one
+   (``data.val_size`` = 0) FedSSD stops with an error naming both ways out, set
+   ``data.val_size`` or turn the class level off (``class_level = false``: every
+   ``c_k = 1``, only the sample level selects). ``c`` travels in the downlink beside θ_g
+   (C floats).
 2. Client: train from θ_g with a frozen copy of θ_g as the teacher (eval mode). Sample
    credibility ``s(x) = 1 − √(1 − p_g(y|x))`` from the teacher's softmax on the true class;
    per-class weights ``M = relu(m_max · c · s(x) − threshold)`` (threshold 0.1 there);
@@ -150,6 +152,9 @@ class FedSSD(FedAvg):
         divergence: "mse" (third-party: squared weighted logit difference) or "kl".
         temperature: τ of the "kl" form.
         t2: scale the "kl" form by τ².
+        class_level: weight by the class credibility measured on the server's labelled
+            validation slice (needs ``data.val_size`` > 0); false: every class
+            credibility is 1 and only the sample level selects.
     """
 
     weight: float = 1.0
@@ -158,6 +163,7 @@ class FedSSD(FedAvg):
     divergence: str = "mse"
     temperature: float = 1.0
     t2: bool = False
+    class_level: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -175,9 +181,13 @@ class FedSSD(FedAvg):
 
     # -- server -----------------------------------------------------------------------
     def credibility(self, task: Task, params: Mapping[str, Tensor]) -> Tensor:
-        """Class credibility of the global model on ``task.val`` (ones without it), (C,)."""
-        if task.val is None or task.val.y is None:
+        """Class credibility of the global model on ``task.val`` (ones when ``class_level`` is off), (C,)."""
+        if not self.class_level or self.weight == 0:  # weight 0: FedAvg, nothing is weighted
             return torch.ones(task.num_classes)
+        if task.val is None or task.val.y is None or not len(task.val):
+            raise KdflError("FedSSD's class credibility is measured on the server's labelled validation slice, and "
+                            "this run has none: set data.val_size > 0 (e.g. 500), or algorithm.class_level = false "
+                            "to weight by the sample credibility only")
         model = task.new_model(task.server_arch)
         model.load_state_dict(dict(params))
         pred = predict(model, task.val.x).argmax(-1)
