@@ -348,7 +348,7 @@ def test_report_writes_plots_and_table(run_dirs, tmp_path, capsys):
     text = (out / "summary.md").read_text()
     table = text.split("\n\n")[0].strip().splitlines()  # the table, then one label table per run
     assert table[0].startswith("| run |") and len(table) == 2 + 2
-    assert "### Partition of fedavg" in text and "### Partition of fedprox" in text
+    assert "### Partition of fedavg, fedprox" in text and text.count("### Partition of") == 1  # the same split
     assert table[2].startswith("| fedavg |") and table[3].startswith("| fedprox |")
     assert "| 2 |" in table[2]
 
@@ -376,11 +376,13 @@ def test_python_dash_m_kdfl_is_the_cli():
 
 
 def test_version_and_help_do_not_import_torch():
-    """`kdfl --version` and `--help` print before torch (or numpy) is imported: lazy imports.
+    """`kdfl --version`, `--help` and report's errors print before torch (or numpy) is
+    imported: lazy imports.
     Their speed is measured in benchmarks/cli_startup.py, not asserted here."""
     code = ("import sys\nfrom kdfl.cli import main\n"
             "for argv in (['--version'], ['--help'], ['run', '--help'], ['report', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
+            "assert main(['report', 'no-such-run']) == 2\n"
             "print('heavy:', sorted(m for m in ('torch', 'numpy', 'kdfl.types', 'kdfl.config') if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

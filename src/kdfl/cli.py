@@ -16,11 +16,13 @@ log = logging.getLogger("kdfl")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from kdfl import config
+
+    cfg = config.load(args.config, args.set or [])  # a config error is printed before the engine is imported
     from tqdm import tqdm
 
-    from kdfl import config, experiment
+    from kdfl import experiment
 
-    cfg = config.load(args.config, args.set or [])
     out = Path(args.out) if args.out else None
     start, sent = 0, {"up": 0.0, "acc": float("nan")}
     if args.overwrite and args.resume:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kdfl.types import KdflError
+from kdfl.errors import KdflError
 
 
 def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
