@@ -235,7 +235,7 @@ def interrupted(args: argparse.Namespace, argv: list[str]) -> str:
     """What a Ctrl-C left behind and the command that goes on from there."""
     if args.command == "sweep":
         return ("interrupted; finished runs are kept: run the same command again to continue (an unfinished run "
-                "resumes from its last checkpoint)")
+                "goes on from its last checkpoint, or starts again when it has none)")
     if args.command != "run":
         return "interrupted"
     if not args.out:

@@ -295,7 +295,11 @@ def run(grid: Grid, cfg: Config, out: str | Path | None = None, wait_s: float = 
     if resume:
         if run_dir is None:
             raise KdflError(f"resume needs the run directory of the run to continue: set {OUT_KEY} (or out=)")
-        experiment.check_run_dir(run_dir, resume=True, overwrite=False)
+        # no checkpoint there yet (stopped before the first one): the run starts from round 0 in place, as with
+        # `kdfl run --resume`
+        resume = experiment.check_run_dir(run_dir, resume=True, overwrite=False, cfg=cfg)
+    if resume:
+        assert run_dir is not None
         if (run_dir / "config.toml").exists():
             experiment._check_resume(run_dir, cfg)
         ck = checkpoint.load(run_dir)

@@ -102,8 +102,9 @@ def _read_verified(path: Path) -> bytes:
 def load(run_dir: Path) -> dict[str, Any]:
     path = run_dir / FILE
     prev = run_dir / PREV
-    fallback = (f"; the previous checkpoint is {prev}: rename it to {FILE} to resume from it, or start again"
-                if prev.exists() else "; start the run again with --overwrite in place of --resume")
+    again = "start the run again with --overwrite in place of --resume"
+    fallback = (f"; the previous checkpoint is {prev}: rename it to {FILE} to resume from it, or {again}"
+                if prev.exists() else f"; {again}")
     if not path.exists():
         tmp = run_dir / (FILE + ".tmp")
         if _complete(tmp):
@@ -118,7 +119,7 @@ def load(run_dir: Path) -> dict[str, Any]:
     except Exception as e:
         raise KdflError(f"cannot resume: {path} is unreadable ({e}){fallback}") from None
     if not isinstance(ck, dict) or "round" not in ck:
-        raise KdflError(f"cannot resume: {path} is not a kdfl checkpoint; start the run again with --overwrite in place of --resume")
+        raise KdflError(f"cannot resume: {path} is not a kdfl checkpoint; {again}")
     if ck.get("format") != FORMAT:
         raise KdflError(
             f"cannot resume: {path} was written by an older kdfl (checkpoint format {ck.get('format', 1)}, this "
@@ -126,5 +127,5 @@ def load(run_dir: Path) -> dict[str, Any]:
             "directory, or resume it with the kdfl version that started it."
         )
     if not isinstance(ck.get("state"), ServerState):
-        raise KdflError(f"cannot resume: {path} holds no server state; start the run again with --overwrite in place of --resume")
+        raise KdflError(f"cannot resume: {path} holds no server state; {again}")
     return ck
