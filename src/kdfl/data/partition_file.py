@@ -219,12 +219,14 @@ def write_partition(exported: dict[str, Any], path: str | Path) -> Path:
         lines += [f"  {json.dumps(k)}: {lst(exported[k])}" for k in _LISTS if exported.get(k) is not None]
         payload = ("{\n" + ",\n".join(lines) + "\n}\n").encode()
     else:
-        arrays = {f"client_{i}": np.asarray(c, dtype=np.int64) for i, c in enumerate(exported["clients"])}
+        arrays: dict[str, Any] = {f"client_{i}": np.asarray(c, dtype=np.int64)
+                                  for i, c in enumerate(exported["clients"])}
         for i, h in enumerate(exported.get("holdout") or []):
             arrays[f"holdout_{i}"] = np.asarray(h, dtype=np.int64)
         arrays.update({k: np.asarray(exported[k], dtype=np.int64) for k in _LISTS if exported.get(k) is not None})
         buf = io.BytesIO()
-        np.savez(buf, meta=np.array(json.dumps(meta, default=str)), **arrays)
+        arrays["meta"] = np.array(json.dumps(meta, default=str))
+        np.savez(buf, **arrays)
         payload = buf.getvalue()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
