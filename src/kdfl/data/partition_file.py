@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -230,13 +229,13 @@ def write_partition(exported: dict[str, Any], path: str | Path) -> Path:
         payload = buf.getvalue()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # opened as usual: the umask's permissions
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 f.write(payload)
             os.replace(tmp, path)
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
     except OSError as e:
         raise KdflError(f"cannot write partition file {path}: {e}") from None
     return path

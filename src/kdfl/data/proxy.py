@@ -248,7 +248,8 @@ def _given_or_drawn(given: np.ndarray | None, size: int, free: np.ndarray, what:
     rows; returns (rows, the free rows left)."""
     if given is not None:
         if len(given) != size:
-            raise KdflError(f"{key} = {size} but {source} lists {len(given)} {what}: set {key} = {len(given)}")
+            raise KdflError(f"{key} = {size} but {source} lists {len(given)} {what}: set {key} = {len(given)}, "
+                            f"or drop the {what} from the file to draw them from the rows no client holds")
         return np.asarray(given, dtype=np.int64), free
     if size > len(free):
         raise KdflError(f"{key} = {size} but only {len(free)} rows of {dataset!r} are left outside {source}'s rows: "
