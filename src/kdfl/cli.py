@@ -24,7 +24,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from kdfl import experiment
 
     out = Path(args.out) if args.out else None
-    start, sent = 0, {"up": 0.0, "acc": float("nan")}
+    start, sent, resumes = 0, {"up": 0.0, "acc": float("nan")}, False
     if args.overwrite and args.resume:
         raise KdflError("--overwrite and --resume contradict each other: choose one")
     if args.resume and out is None:
@@ -52,7 +52,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        hist = experiment.run(cfg, out=out, resume=args.resume, on_round=on_round, overwrite=args.overwrite)
+        hist = experiment.run(cfg, out=out, resume=resumes, on_round=on_round, overwrite=args.overwrite)
     finally:  # an error after the start is printed below the bar, not into its line
         bar.close()
     s = hist.summary

@@ -158,7 +158,6 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, cfg: Config | No
             return True
         if cfg is not None and (run_dir / "config.toml").is_file():
             _check_resume(run_dir, cfg)  # the same run, from round 0: the same config
-        log.warning("%s has no checkpoint yet: starting the run from round 0 in place", run_dir)
         overwrite = True
     old = [f for f in RUN_FILES if (run_dir / f).exists()] + [p.name for p in run_dir.glob("*.png")]
     if (run_dir / "client_states").is_dir():
@@ -220,7 +219,10 @@ def run(
     if resume and run_dir is None:
         raise KdflError("resume needs a run directory: pass the --out of the run to continue")
     if run_dir is not None:
-        resume = check_run_dir(run_dir, resume, overwrite, cfg)
+        resumes = check_run_dir(run_dir, resume, overwrite, cfg)
+        if resume and not resumes:
+            log.warning("%s has no checkpoint yet: starting the run from round 0 in place", run_dir)
+        resume = resumes
     fed = build(cfg)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
