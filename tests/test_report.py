@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kdfl.report import NO_GLOBAL_MODEL, client_accuracy_figure, read_run, report
+from kdfl.report import NO_GLOBAL_MODEL, client_accuracy_figure, labels, read_run, report
 from kdfl.types import KdflError
 
 PART_A = "client  n  0  1\n     0  3  2  1\n     1  2  0  2\n   all  5  2  3"
@@ -147,3 +147,17 @@ def test_summary_prints_a_shared_partition_and_identical_histograms_once(tmp_pat
     assert text.count("### Per-client accuracy of") == 2 and "### Per-client accuracy of a, b (2 clients" in text
     table = text.split("\n\n")[0].splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == ["a", "b", "c"]  # every run keeps its row
+
+
+def test_runs_with_the_same_directory_name_keep_their_own_rows_points_and_lines(tmp_path, figures):
+    """A sweep's runs all end in seed0: each is named with as many parents as tell it apart."""
+    a = fake_run(tmp_path / "fedavg" / "base" / "seed0", clients=[0.5, 0.5])
+    b = fake_run(tmp_path / "fedprox" / "base" / "seed0", clients=[0.5, 0.5])
+    assert labels([a, b]) == {a: "fedavg/base/seed0", b: "fedprox/base/seed0"}
+    assert labels([a, tmp_path / "x"]) == {a: "seed0", tmp_path / "x": "x"}
+    report([a, b], tmp_path / "rep")
+    assert {c.get_gid() for c in figures["client_accuracy.png"].axes[0].collections} == {
+        "fedavg/base/seed0", "fedprox/base/seed0"}
+    assert len(figures["accuracy_vs_round.png"].axes[0].get_lines()) == 2
+    text = (tmp_path / "rep" / "summary.md").read_text()
+    assert "| fedavg/base/seed0 |" in text and "| fedprox/base/seed0 |" in text

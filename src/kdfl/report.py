@@ -27,7 +27,7 @@ def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     started = (run_dir / "config.toml").is_file()
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     if not records and started:
-        why = (f"; {run_dir / 'error.txt'} says why" if (run_dir / "error.txt").is_file()
+        why = (f"; {run_dir / 'error.txt'} says why (a sweep retries it when run again)" if (run_dir / "error.txt").is_file()
                else f"; run it again: kdfl run {run_dir / 'config.toml'} --out {run_dir} --resume")
         raise KdflError(f"{run_dir} holds a run that stopped before its first round ended (no rounds in "
                         f"{metrics.name}): nothing to report{why}")
@@ -38,12 +38,20 @@ def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return records, summary
 
 
-def _label(run_dir: Path) -> str:
-    return run_dir.resolve().name
+def labels(runs: list[Path]) -> dict[Path, str]:
+    """A short, distinct name per run: its directory's name, with as many parent names as
+    it takes to tell runs apart (a sweep's ``fedavg/base/base/seed0`` and ``fedprox/...``)."""
+    parts = {run: run.resolve().parts for run in runs}
+    for depth in range(1, max(len(p) for p in parts.values()) + 1):
+        names = {run: "/".join(p[-depth:]) for run, p in parts.items()}
+        if len(set(names.values())) == len(set(parts.values())):
+            return names
+    return {run: str(run) for run in runs}
 
 
 def summary_table(runs: list[Path]) -> str:
-    """A Markdown table: one row per run."""
+    """A Markdown table: one row per run (named by :func:`labels`)."""
+    names = labels(runs)
     head = ("| run | rounds | final acc | best acc | final ECE | client acc mean | client acc worst 10 % "
             "| rounds to target | uplink MB/client/round | downlink MB/client/round | wall s |")
     lines = [head, "|" + "---|" * 11]
@@ -56,7 +64,7 @@ def summary_table(runs: list[Path]) -> str:
 
         rtt = s.get("rounds_to_target")
         lines.append(
-            f"| {_label(run)} | {s.get('rounds', '-')} | {f('final_accuracy')} | {f('best_accuracy')} | "
+            f"| {names[run]} | {s.get('rounds', '-')} | {f('final_accuracy')} | {f('best_accuracy')} | "
             f"{f('final_ece')} | {f('client_accuracy_mean')} | {f('client_accuracy_worst10')} | "
             f"{rtt if rtt is not None else ('not reached' if s.get('target_accuracy') else '-')} | "
             f"{f('uplink_bytes_per_client_round', 1e6)} | {f('downlink_bytes_per_client_round', 1e6)} | "
@@ -191,6 +199,7 @@ def report(runs: list[Path], out: Path | None = None) -> list[Path]:
 
     out = out or runs[0]
     out.mkdir(parents=True, exist_ok=True)
+    names = labels(runs)
     fig1, ax1 = plt.subplots(figsize=(6, 4))
     fig2, ax2 = plt.subplots(figsize=(6, 4))
     for i, run in enumerate(runs):
@@ -205,10 +214,10 @@ def report(runs: list[Path], out: Path | None = None) -> list[Path]:
         color = f"C{i % 10}"
         if not accs:  # FedProto, local training, ...: a legend note instead of a line that is not there
             for ax in (ax1, ax2):
-                ax.plot([], [], ls="none", marker="x", color=color, label=f"{_label(run)}: {NO_GLOBAL_MODEL}")
+                ax.plot([], [], ls="none", marker="x", color=color, label=f"{names[run]}: {NO_GLOBAL_MODEL}")
             continue
-        ax1.plot(rs, accs, marker=".", color=color, label=_label(run))
-        ax2.plot(xs, accs, marker=".", color=color, label=_label(run))
+        ax1.plot(rs, accs, marker=".", color=color, label=names[run])
+        ax2.plot(xs, accs, marker=".", color=color, label=names[run])
     ax1.set(xlabel="round", ylabel="test accuracy (global model)", title=_title("Accuracy vs round", runs))
     ax2.set(xlabel="cumulative uplink (MB, all clients)", ylabel="test accuracy (global model)",
             title=_title("Accuracy vs uplink", runs))
@@ -224,7 +233,7 @@ def report(runs: list[Path], out: Path | None = None) -> list[Path]:
         plt.close(fig)
         paths.append(out / name)
     per_client = {run: client_accuracies(run, data[run]) for run in runs}
-    shown = {_label(run): v for run, v in per_client.items() if v is not None}
+    shown = {names[run]: v for run, v in per_client.items() if v is not None}
     if shown:
         fig3 = client_accuracy_figure(shown, _title("Per-client accuracy", runs))
         fig3.savefig(out / "client_accuracy.png", dpi=120)
@@ -232,12 +241,12 @@ def report(runs: list[Path], out: Path | None = None) -> list[Path]:
         paths.append(out / "client_accuracy.png")
     text = summary_table(runs)
     scores = {name: json.dumps(v) for name, v in shown.items()}
-    for names, _ in _shared(scores):  # runs whose clients scored the same: one histogram
-        text += "\n" + distribution_text(", ".join(names), *shown[names[0]])
-    parts = {_label(run): (run / "partition.txt").read_text().rstrip() for run in runs
+    for same, _ in _shared(scores):  # runs whose clients scored the same: one histogram
+        text += "\n" + distribution_text(", ".join(same), *shown[same[0]])
+    parts = {names[run]: (run / "partition.txt").read_text().rstrip() for run in runs
              if (run / "partition.txt").exists()}
-    for names, part in _shared(parts):  # the per-client label counts, once per distinct partition
-        text += f"\n### Partition of {', '.join(names)} (label counts per client)\n\n```\n{part}\n```\n"
+    for same, part in _shared(parts):  # the per-client label counts, once per distinct partition
+        text += f"\n### Partition of {', '.join(same)} (label counts per client)\n\n```\n{part}\n```\n"
     (out / "summary.md").write_text(text)
     paths.append(out / "summary.md")
     return paths
