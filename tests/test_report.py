@@ -161,3 +161,24 @@ def test_runs_with_the_same_directory_name_keep_their_own_rows_points_and_lines(
     assert len(figures["accuracy_vs_round.png"].axes[0].get_lines()) == 2
     text = (tmp_path / "rep" / "summary.md").read_text()
     assert "| fedavg/base/seed0 |" in text and "| fedprox/base/seed0 |" in text
+
+
+def test_uplink_axis_is_logarithmic_only_over_more_than_a_decade():
+    """Log ticks fall on whole decades: 0.23-0.69 MB on a log axis had no tick at all."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kdfl.report import uplink_axis
+
+    fig, (narrow, wide) = plt.subplots(1, 2)
+    narrow.plot([0.23, 0.46, 0.69], [0.1, 0.2, 0.3])
+    wide.plot([0.0, 0.05, 5.0], [0.1, 0.2, 0.3])
+    uplink_axis(narrow)
+    uplink_axis(wide)
+    fig.canvas.draw()
+    assert narrow.get_xscale() == "linear" and wide.get_xscale() == "symlog"
+    lo, hi = narrow.get_xlim()
+    assert sum(lo <= t <= hi for t in narrow.get_xticks()) >= 2  # (a log axis there: none)
+    plt.close(fig)

@@ -141,6 +141,15 @@ def integer_rounds(ax: Any) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def uplink_axis(ax: Any) -> None:
+    """A log scale (symlog: 0 stays on the axis) for cumulative uplink MB when the plotted
+    values span more than a decade; linear otherwise, where log ticks (whole decades) could
+    leave the axis with no tick at all."""
+    xs = [float(x) for line in ax.get_lines() for x in line.get_xdata() if float(x) > 0]
+    if xs and max(xs) / min(xs) > 10:
+        ax.set_xscale("symlog", linthresh=min(0.01, min(xs)))
+
+
 def client_accuracy_figure(per_client: dict[str, tuple[str, list[float]]], title: str = "Per-client accuracy") -> Any:
     """A box per run and its clients as points over it (jittered sideways), side by side,
     so that no run hides another however close their accuracies are.
@@ -155,7 +164,7 @@ def client_accuracy_figure(per_client: dict[str, tuple[str, list[float]]], title
     import numpy as np
 
     labels = list(per_client)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(labels) + 2), 4))
     rng = np.random.default_rng(0)  # the same jitter on every call: reports are reproducible
     for i, name in enumerate(labels):
         split, accs = per_client[name]
@@ -174,7 +183,8 @@ def client_accuracy_figure(per_client: dict[str, tuple[str, list[float]]], title
     ax.set_xticks(range(len(labels)), [f"{n}\n({per_client[n][0]})" for n in labels], fontsize=8,
                   rotation=20 if len(labels) > 4 else 0)
     ax.set_xlim(-0.6, len(labels) - 0.4)
-    ax.set(ylabel="client accuracy", title=title)
+    ax.set(ylabel="client accuracy")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
@@ -222,7 +232,7 @@ def report(runs: list[Path], out: Path | None = None) -> list[Path]:
     ax2.set(xlabel="cumulative uplink (MB, all clients)", ylabel="test accuracy (global model)",
             title=_title("Accuracy vs uplink", runs))
     integer_rounds(ax1)
-    ax2.set_xscale("symlog", linthresh=0.01)
+    uplink_axis(ax2)
     paths = []
     for fig, ax, name in ((fig1, ax1, "accuracy_vs_round.png"), (fig2, ax2, "accuracy_vs_uplink.png")):
         ax.grid(alpha=0.3)

@@ -671,7 +671,7 @@ def plot(sw: Sweep, results: list[RunResult], chosen: dict[tuple[str, Assignment
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from kdfl.report import NO_GLOBAL_MODEL, integer_rounds, setting
+    from kdfl.report import NO_GLOBAL_MODEL, integer_rounds, setting, uplink_axis
 
     out = sw.out / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -707,7 +707,7 @@ def plot(sw: Sweep, results: list[RunResult], chosen: dict[tuple[str, Assignment
         fig.suptitle(sw.path.name + (f": {where}" if where else "") + (f" (cell {label(cell)})" if cell else ""),
                      fontsize=10)
         integer_rounds(ax1)
-        ax2.set_xscale("symlog", linthresh=0.01)
+        uplink_axis(ax2)
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
