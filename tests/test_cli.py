@@ -74,7 +74,7 @@ def test_list_prints_every_section(capsys):
 def test_list_executors_with_their_options(capsys):
     assert kdfl("list", "executors") == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
-    assert set(lines) == {"sequential", "vectorized", "parallel", "auto"}
+    assert set(lines) == {"sequential", "vectorized", "batched", "parallel", "auto"}
     assert "workers=0" in lines["parallel"] and "inner='sequential'" in lines["parallel"]
     assert "min_round_s=0.1" in lines["auto"] and "(no options)" in lines["sequential"]
 

@@ -112,7 +112,7 @@ def test_quickstart_reaches_90_percent(tmp_path):
     assert s["rounds_to_target"] is not None
 
 
-@pytest.mark.parametrize("executor", ["vectorized", "auto", "parallel"])
+@pytest.mark.parametrize("executor", ["vectorized", "batched", "auto", "parallel"])
 def test_fast_executors_give_the_sequential_run(executor):
     """A whole run (FedProx, Dirichlet sizes, 3 rounds) through each fast executor ends
     where the sequential one does: within float rounding (vectorized; auto may vectorize)
@@ -121,7 +121,7 @@ def test_fast_executors_give_the_sequential_run(executor):
 
     sets = [*TINY, "run.rounds=3", "run.threads=1", "algorithm.name=fedprox", "algorithm.mu=0.1",
             "partition.name=dirichlet", "partition.alpha=0.5"]
-    ref = experiment.run(config.load(None, sets))
+    ref = experiment.run(config.load(None, [*sets, "run.executor=sequential"]))  # the reference, by name
     got = experiment.run(config.load(None, [*sets, f"run.executor={executor}"]))
     for k, v in ref.state.params.items():
         if executor == "parallel":

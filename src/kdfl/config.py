@@ -3,7 +3,9 @@
 Sections and their keys::
 
     [run]        seed, rounds, clients_per_round, eval_every, target_accuracy, dropout,
-                 checkpoint_every, executor, device, threads (torch threads; 0 = torch's default),
+                 checkpoint_every, executor (default "batched": vectorized where the programs and
+                 the model family batch, chosen by structure; "sequential" is the bit-exact
+                 reference), device, threads (torch threads; 0 = torch's default),
                  deadline, speed_spread, examples_per_second, upload_bandwidth (stragglers),
                  max_upload_bytes (checked before an upload is decoded)
     [data]       name, data_dir, num_clients, proxy, proxy_size, val_size, client_holdout
@@ -38,6 +40,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from kdfl.simulation.executors import DEFAULT_EXECUTOR
 from kdfl.simulation.rounds import RunSettings
 from kdfl.train import LocalSGD
 from kdfl.types import KdflError
@@ -50,7 +53,7 @@ else:  # pragma: no cover
 Config = dict[str, dict[str, Any]]
 
 DEFAULTS: Config = {
-    "run": {"seed": 0, "executor": "sequential", "device": "cpu", "threads": 0},
+    "run": {"seed": 0, "executor": DEFAULT_EXECUTOR, "device": "cpu", "threads": 0},
     "data": {"name": "digits", "data_dir": "", "num_clients": 20, "proxy": "none", "proxy_size": 0, "val_size": 0,
              "client_holdout": 0.0, "pool_size": 0, "test_size": 0},
     "partition": {"name": "dirichlet", "alpha": 0.5},

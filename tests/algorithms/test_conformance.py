@@ -171,7 +171,7 @@ def test_flower_round_equals_simulator_round(name, monkeypatch):
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Flower's processes set
         monkeypatch.setattr(TaskIdentity, attr, value)
     cfg = cfg_of(name, "run.rounds=2")  # two rounds: kept client state is used in round 2
-    ref = experiment.run(cfg)
+    ref = experiment.run(cfg_of(name, "run.rounds=2", "run.executor=sequential"))  # the bit-exact reference
     flower = server_app.run(LocalGrid(make_client_app(), cfg["data"]["num_clients"]), cfg)
     params_equal(ref.state.params, flower.state.params, exact=True)
     assert len(ref.records) == len(flower.records)

@@ -196,7 +196,7 @@ def test_executor_spec_errors_name_the_executor_and_its_options():
         make_executor("sequential:2")
     with pytest.raises(KdflError, match="executor spec 'auto:workers='"):
         make_executor("auto:workers=")
-    assert sorted(EXECUTORS) == ["auto", "parallel", "sequential", "vectorized"]
+    assert sorted(EXECUTORS) == ["auto", "batched", "parallel", "sequential", "vectorized"]
     assert executor_options()["vectorized"] == {"max_memory_mb": 1024, "max_chunk": 512, "min_group": 2}
     assert EXECUTORS["auto"] is Auto  # a lazy entry is the class itself once imported
 

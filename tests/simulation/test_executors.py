@@ -24,8 +24,8 @@ from kdfl.algorithms.kit.weights import init_params
 from kdfl.algorithms.program import Custom, Data, LabelLogits, LabelStats, Phase, Tracked
 from kdfl.losses import CrossEntropy
 from kdfl.rng import derive
-from kdfl.simulation.auto import prefers_vectorized
-from kdfl.simulation.executors import EXECUTORS, ClientFailure, Sequential, make_executor
+from kdfl.simulation.auto import Batched, prefers_vectorized
+from kdfl.simulation.executors import DEFAULT_EXECUTOR, EXECUTORS, ClientFailure, Sequential, make_executor
 from kdfl.simulation.parallel import Parallel, dumps, loads
 from kdfl.simulation.vectorized import Vectorized
 from kdfl.train import LocalSGD
@@ -101,6 +101,47 @@ def test_vectorized_equals_sequential(alg, arch, shape):
     vec = Vectorized()
     assert_close(Sequential().run(ALGS[alg], task, jobs), vec.run(ALGS[alg], task, jobs))
     assert vec.batched == len(SIZES)
+
+
+@pytest.mark.parametrize("alg", ["fedavg", "fedprox", "feddf", "fedema_distill_stateful"])
+def test_default_executor_equals_sequential_and_batches_by_structure(alg):
+    # the default: batched wherever the program batches and the model family pays on a CPU
+    from kdfl import config
+
+    assert config.DEFAULTS["run"]["executor"] == DEFAULT_EXECUTOR == "batched"
+    task, clients = make_task(["mlp:hidden=16"], SIZES)
+    jobs = jobs_of(ALGS[alg], task, clients)
+    ex = make_executor(config.load(None, [])["run"]["executor"])
+    assert isinstance(ex, Batched)
+    assert_close(Sequential().run(ALGS[alg], task, jobs), ex.run(ALGS[alg], task, jobs))
+    assert ex.batched == len(SIZES) and not ex.reasons
+
+
+def test_default_executor_declines_by_structure_not_timing():
+    # a 2-D CNN on 28x28 runs one client at a time on a CPU (bit-identical to sequential),
+    # every time, with the reason recorded; an 8x8 one batches
+    alg = ALGS["fedavg"]
+    for shape, batched in (((1, 28, 28), 0), ((1, 8, 8), 4)):
+        task, clients = make_task(["cnn:width=4,hidden=8"], [6, 5, 7, 3], shape)
+        jobs = jobs_of(alg, task, clients)
+        ref = Sequential().run(alg, task, jobs)
+        for _ in range(2):  # a fresh executor and a warm one take the same path
+            ex = Batched()
+            got = ex.run(alg, task, jobs)
+            assert ex.batched == batched
+            if batched:
+                assert_close(ref, got)
+            else:
+                assert_close(ref, got, exact=True)
+                assert all("2-D convolutions" in why for why in ex.reasons.values()) and len(ex.reasons) == 4
+    # mixed programs: a model of a declined family declines the whole program
+    task, clients = make_task(["mlp:hidden=16", "cnn:width=4,hidden=8"], SIZES, (1, 28, 28))
+    algs = ALGS["fedema_distill_stateful"]
+    jobs = jobs_of(algs, task, clients)
+    ex = Batched()
+    assert_close(Sequential().run(algs, task, jobs), ex.run(algs, task, jobs))
+    mlp = {c.id for c in clients if c.arch == "mlp:hidden=16"}
+    assert set(ex.reasons) == {c.id for c in clients} - mlp and ex.batched == len(mlp)
 
 
 @pytest.mark.parametrize("arch", ["resnet8:norm=gn,width=4", "resnet8:norm=bn,width=4"])
@@ -199,7 +240,7 @@ def test_serialisation_roundtrip():
 
 
 def test_registry():
-    for name in ("sequential", "vectorized", "parallel", "auto"):
+    for name in ("sequential", "vectorized", "batched", "parallel", "auto"):
         assert name in EXECUTORS and make_executor(name).name == name
 
 
@@ -248,9 +289,8 @@ def test_auto_equals_sequential(pool_task):
     jobs = jobs_of(alg, task, clients)
     ref = Sequential().run(alg, task, jobs)
     auto = make_executor("auto")
-    auto.local.vectorized.min_group = 2
-    assert_close(ref, auto.local.run(alg, task, jobs))  # in-process choice, per architecture
-    assert auto.local._choice == {("mlp:hidden=16", "cpu"): True, ("cnn:width=4,hidden=8", "cpu"): True}
+    assert_close(ref, auto.local.run(alg, task, jobs))  # in-process choice: batched
+    assert auto.local._prefers == {("mlp:hidden=16", "cpu"): True, ("cnn:width=4,hidden=8", "cpu"): True}
     cnn28 = models.build("cnn", (1, 28, 28), 10)
     assert not prefers_vectorized(cnn28, "cpu", (1, 28, 28)) and prefers_vectorized(cnn28, "cuda", (1, 28, 28))
     auto.parallel = pool_task[2]  # reuse the module's pool instead of starting another one

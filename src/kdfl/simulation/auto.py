@@ -1,18 +1,24 @@
-"""The ``auto`` executor: picks how to run each round's clients from a rule backed by
-``benchmarks/speed.py`` and a measurement on the run's own rounds.
+"""The ``batched`` executor (the default) and ``auto``, which adds a timed choice of a
+process pool on top of it.
 
-In-process, per architecture (a mixed-architecture round is split by architecture):
+``batched`` decides from structure only -- what the config and the programs declare --
+so one config always takes the same numerical path. Per program:
 
-- on a GPU, and on a CPU for models without 2-D convolutions or whose 2-D inputs are
-  small (at most 16x16), the clients are **vectorized**. Measured with one thread on 2
-  shared cores (benchmarks/speed.py): 1.9-2.5x a plain PyTorch loop for the digits MLP,
-  the digits 8x8 CNN and the mnist1d 1-D CNN at K = 10-50 clients;
+- programs the vectorized executor can batch (see :mod:`kdfl.simulation.vectorized`)
+  whose models are all of a family that batches fast on the device are **vectorized**:
+  on a GPU any model; on a CPU models without 2-D convolutions or whose 2-D inputs are
+  small (at most 16x16). Measured with one thread on 2 shared cores
+  (benchmarks/speed.py): 1.9-2.5x a plain PyTorch loop for the digits MLP, the digits
+  8x8 CNN and the mnist1d 1-D CNN at K = 10-50 clients, 3-7x at K = 100-1000;
 - 2-D CNNs on larger images run **sequentially**: batched (grouped) 2-D convolutions on
   28x28 inputs are slower on a CPU than one convolution per client (0.3-0.9x,
-  research/env.md section 3).
+  research/env.md section 3); so do programs that do not batch.
 
-Across processes: a pool of single-threaded workers only pays when cores are idle, and
-it costs seconds to start. So ``auto`` runs the first round in-process and measures its
+``auto`` (only when asked for: ``run.executor = "auto"``) runs rounds in-process as
+``batched`` does, and may move them to a process pool, chosen by timing (so two runs of
+one config may take different numerical paths, each within the tolerance below). Across
+processes: a pool of single-threaded workers only pays when cores are idle, and it costs
+seconds to start. So ``auto`` runs the first round in-process and measures its
 throughput (examples per second) and how many cores the whole machine kept busy meanwhile
 (``/proc/stat``); when a core sat idle (busy below ``cores - 0.5``, this round included;
 the 1-minute load average where there is no /proc/stat) and the round took long enough for a pool to matter
@@ -38,7 +44,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from kdfl.simulation.executors import Job, Result, run_one
+from kdfl.algorithms.program import Program
+from kdfl.simulation.executors import Job, Result
 from kdfl.simulation.parallel import Parallel
 from kdfl.simulation.vectorized import Vectorized
 from kdfl.types import Algorithm, KdflError, Task
@@ -73,36 +80,48 @@ def _busy_cores(before: tuple[float, float] | None, after: tuple[float, float] |
     return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
 
 
-class AutoLocal:
-    """In-process part of ``auto``: vectorized or sequential, per architecture."""
+class Batched(Vectorized):
+    """The default executor: clients trained vectorized wherever their programs batch and
+    their models are of a family that batches fast on the device; the rest one after
+    another with the reference runner.
 
-    name = "auto-local"
+    The choice is made from what the config and the programs declare, never from a timing,
+    so the same config always takes the same numerical path: a program batches when the
+    vectorized executor can batch it (see :mod:`kdfl.simulation.vectorized`) and every
+    model it declares passes :func:`prefers_vectorized` (on a CPU: no 2-D convolutions
+    on inputs over 16x16). Batched clients equal their sequential run within the
+    vectorized executor's tolerance; declined ones are bit-identical to it. The reasons
+    are in :attr:`reasons` after a round, as for ``vectorized``.
+    """
 
-    def __init__(self) -> None:
-        self.vectorized = Vectorized()
-        self._choice: dict[tuple[str, str], bool] = {}
+    name = "batched"
 
-    def choose(self, task: Task, arch: str) -> bool:
+    def __init__(self, max_memory_mb: float = 1024, max_chunk: int = 512, min_group: int = 2) -> None:
+        super().__init__(max_memory_mb=max_memory_mb, max_chunk=max_chunk, min_group=min_group)
+        self._prefers: dict[tuple[str, str], bool] = {}  # (architecture, device type) -> the rule's answer
+
+    def prefers(self, task: Task, arch: str) -> bool:
+        """The rule for one architecture on the task's device (cached per run)."""
         key = (arch, task.device.type)
-        if key not in self._choice:
+        if key not in self._prefers:
             try:
-                self._choice[key] = prefers_vectorized(task.new_model(arch), task.device.type, tuple(task.input_shape))
-            except Exception:  # the client will fail (or not) on its own in run_one
-                self._choice[key] = False
-            log.debug("auto: %s on %s -> %s", arch, task.device.type,
-                      "vectorized" if self._choice[key] else "sequential")
-        return self._choice[key]
+                self._prefers[key] = prefers_vectorized(task.new_model(arch), task.device.type,
+                                                        tuple(task.input_shape))
+            except Exception:  # the client will fail (or not) on its own in the reference runner
+                self._prefers[key] = False
+            log.debug("batched: %s on %s -> %s", arch, task.device.type,
+                      "vectorized" if self._prefers[key] else "sequential")
+        return self._prefers[key]
 
-    def run(self, algorithm: Algorithm, task: Task, jobs: Sequence[Job]) -> list[Result]:
-        vec = [i for i, (c, _) in enumerate(jobs) if self.choose(task, c.arch)]
-        results: list[Result | None] = [None] * len(jobs)
-        if vec:
-            for i, r in zip(vec, self.vectorized.run(algorithm, task, [jobs[i] for i in vec]), strict=True):
-                results[i] = r
-        for i, (c, d) in enumerate(jobs):
-            if results[i] is None:
-                results[i] = run_one(algorithm, task, c, d)
-        return results  # type: ignore[return-value]
+    def declines(self, task: Task, program: Program) -> str:
+        slow = [m.arch for m in program.models.values() if not self.prefers(task, m.arch)]
+        if slow:
+            return (f"model {slow[0]!r} has 2-D convolutions on inputs over 16x16, which run faster one client at a "
+                    f"time on a {task.device.type.upper()} (use run.executor = 'vectorized' to batch them anyway)")
+        return ""
+
+
+AutoLocal = Batched  # auto's in-process part (the name parallel's inner="auto-local" refers to)
 
 
 class Auto:
@@ -122,7 +141,7 @@ class Auto:
                             f"got workers={workers}, min_round_s={min_round_s}")
         self.workers = workers or os.cpu_count() or 1
         self.min_round_s = min_round_s
-        self.local = AutoLocal()
+        self.local = Batched()
         self.parallel = Parallel(self.workers, inner="auto-local") if self.workers > 1 else None
         # (architectures, device) -> "local" | "starting" | "warm" | "try" | "parallel"
         self.mode: dict[tuple, str] = {}

@@ -2,6 +2,10 @@
 
 ``sequential`` is the reference: one client after another, anything goes (different
 architectures, stateful clients). Faster executors must return the same updates.
+``batched`` (:data:`DEFAULT_EXECUTOR`, what ``run.executor`` is when a config does not
+set it) vectorizes the clients whose programs batch and whose models batch fast on the
+device, chosen from structure alone (never by timing); ``auto`` may also move rounds to
+a process pool, chosen by timing.
 A client that raises becomes a :class:`ClientFailure`; the round goes on without it.
 """
 
@@ -64,7 +68,9 @@ EXECUTORS.add("sequential", Sequential)
 # lazy: the fast executors import this module
 EXECUTORS.add_lazy("vectorized", "kdfl.simulation.vectorized:Vectorized")  # torch.func vmap over stacked clients
 EXECUTORS.add_lazy("parallel", "kdfl.simulation.parallel:Parallel")  # a pool of single-threaded processes
-EXECUTORS.add_lazy("auto", "kdfl.simulation.auto:Auto")  # picks per model and device
+EXECUTORS.add_lazy("batched", "kdfl.simulation.auto:Batched")  # vectorized where the structure says it pays
+EXECUTORS.add_lazy("auto", "kdfl.simulation.auto:Auto")  # batched, plus a pool when a timed trial says it pays
+DEFAULT_EXECUTOR = "batched"  # deterministic: the same config takes the same numerical path
 
 
 def executor_options() -> dict[str, dict[str, Any]]:

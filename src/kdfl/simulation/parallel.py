@@ -200,7 +200,7 @@ def remove_shm_files(pids: Sequence[int]) -> None:
 # ------------------------------------------------------------------------------- workers
 _TASK: Task | None = None
 _INNER: dict[str, Any] = {}
-INNER = ("sequential", "vectorized", "auto-local")  # how a worker runs its shard
+INNER = ("sequential", "vectorized", "batched", "auto-local")  # how a worker runs its shard
 
 
 def _init_worker(task_blob: bytes, threads: int) -> None:
@@ -211,10 +211,10 @@ def _init_worker(task_blob: bytes, threads: int) -> None:
 
 def _inner(name: str) -> Any:
     if name not in _INNER:
-        if name == "auto-local":  # auto's in-process choice (no nested pools)
-            from kdfl.simulation.auto import AutoLocal
+        if name == "auto-local":  # auto's in-process choice (no nested pools): batched
+            from kdfl.simulation.auto import Batched
 
-            _INNER[name] = AutoLocal()
+            _INNER[name] = Batched()
         else:
             from kdfl.simulation.executors import make_executor
 
@@ -255,7 +255,7 @@ class Parallel:
     Args:
         workers: worker processes (0 = the number of CPU cores).
         inner: how each worker runs its shard: "sequential" (bit-identical to the
-            sequential executor) or "vectorized".
+            sequential executor), "vectorized" or "batched" ("auto-local" is batched).
         context: multiprocessing start method, "spawn" or "forkserver".
         threads: torch threads per worker.
     """
