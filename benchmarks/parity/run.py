@@ -68,6 +68,7 @@ class Spec:
     kdfl: tuple[str, ...] = ()
     metric: str = "accuracy"
     evaluated: str = "the global model on every client's test split"
+    shared: str = ""  # kdfl's per-client metric of the shared model, compared with the model PFLlib saves
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -110,7 +111,7 @@ SPECS: dict[str, Spec] = {
     "fedkd": Spec(
         "FedKD", ("-mlr", "{lr}", "-Ts", "0.95", "-Te", "0.98"),
         ('algorithm.name="fedkd"', "algorithm.energy_rounds={rounds}"),
-        evaluated="each client's mentor (its private model) on its own test split",
+        evaluated="each client's mentor (its private model) on its own test split", shared="mentee_accuracy",
         notes=COMMON_NOTES + (
             f"{P}clients/clientkd.py:31,66-67`: `nn.KLDivLoss()` with its default reduction (mean over B*C), "
             "divided by the non-detached CE_mentor + CE_mentee.",
@@ -125,7 +126,7 @@ SPECS: dict[str, Spec] = {
         )),
     "fml": Spec(
         "FML", ("-al", "0.5", "-bt", "0.5"), ('algorithm.name="fml"', "algorithm.alpha=0.5", "algorithm.beta=0.5"),
-        evaluated="each client's personal (local) model on its own test split",
+        evaluated="each client's personal (local) model on its own test split", shared="meme_accuracy",
         notes=COMMON_NOTES + (
             f"{P}clients/clientfml.py:24,49-50`: `nn.KLDivLoss()` with its default reduction (mean over B*C, "
             "1/C of a batch-mean KL), and the KL targets `F.softmax(output_g)` / `F.softmax(output)` are not "
@@ -158,6 +159,7 @@ def kdfl_overrides(spec: Spec, seed: int, s: dict[str, object]) -> list[str]:
 def prepare(seed: int, s: dict[str, object], work: Path) -> tuple[Path, list[int]]:
     """Export the seed's split in PFLlib's format and write the parity model's spec with
     kdfl's initial global weights; returns (the PFLlib working root, test-split sizes)."""
+    import numpy as np
     import torch
 
     from kdfl import config
@@ -167,18 +169,29 @@ def prepare(seed: int, s: dict[str, object], work: Path) -> tuple[Path, list[int
     root = work / f"seed{seed}"
     spec_path = root / "model.json"
     sizes_path = root / "test_sizes.json"
-    if spec_path.is_file() and sizes_path.is_file():
-        return root, json.loads(sizes_path.read_text())
     cfg = config.load(None, kdfl_overrides(SPECS["fedavg"], seed, s))
     fed = build(cfg)
     assert fed.holdouts is not None
     train = fed.task.train
-    pfllib.export(train.x.numpy(), train.y.numpy(), fed.partitions, fed.holdouts, root / "dataset" / DATASET,
-                  fed.task.num_classes)
     sys.path.insert(0, str(HERE / "shim"))
     from parity_models import KDFL_TO_PFLLIB
 
     init = init_params(fed.task)
+    if spec_path.is_file() and sizes_path.is_file():
+        # an export made earlier (maybe by another kdfl version): reuse it only if this kdfl
+        # builds the same split and initial weights, else the cached PFLlib runs are of other inputs
+        saved = torch.load(root / "init.pt")
+        same = (json.loads(sizes_path.read_text()) == [len(h) for h in fed.holdouts]
+                and all(torch.equal(saved[KDFL_TO_PFLLIB[k]], v) for k, v in init.items()))
+        for cid in range(len(fed.partitions)):
+            _, ys = pfllib.read_client(root / "dataset" / DATASET, cid, train=True)
+            same = same and np.array_equal(ys, train.y.numpy()[fed.partitions[cid]])
+        if not same:
+            raise SystemExit(f"{root} holds an export that differs from what this kdfl builds for seed {seed}: "
+                             "delete it (its PFLlib runs were on other inputs) and run again")
+        return root, json.loads(sizes_path.read_text())
+    pfllib.export(train.x.numpy(), train.y.numpy(), fed.partitions, fed.holdouts, root / "dataset" / DATASET,
+                  fed.task.num_classes)
     torch.save({KDFL_TO_PFLLIB[k]: v.clone() for k, v in init.items()}, root / "init.pt")
     in_dim = int(torch.tensor(fed.task.input_shape).prod())
     spec_path.write_text(json.dumps({"in_dim": in_dim, "hidden": s["hidden"], "num_classes": fed.task.num_classes,
@@ -258,21 +271,94 @@ def run_kdfl(name: str, spec: Spec, seed: int, s: dict[str, object], root: Path,
     return curve
 
 
+def kdfl_revision() -> str:
+    """Where kdfl was imported from: this repository's ``src/`` (its commit, and whether
+    ``src/`` had uncommitted changes), or another tree (e.g. a ``git archive`` of a commit
+    put first on PYTHONPATH, so that others' uncommitted edits do not enter the runs)."""
+    import kdfl.experiment
+
+    src = Path(kdfl.experiment.__file__).resolve().parent.parent
+    if src != (ROOT / "src").resolve():
+        return f"the tree `{src}`"
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "src")
+    return f"`{sha}`" + (" with uncommitted changes in src/" if dirty else "")
+
+
+def shared_accuracy(name: str, spec: Spec, seed: int, s: dict[str, object], root: Path,
+                    sizes: list[int]) -> tuple[float, float]:
+    """The shared model (FedKD's mentee, FML's meme) on every client's test split, size-
+    weighted: (PFLlib, kdfl). PFLlib's ``main.py`` runs R + 1 training rounds (the last one
+    after the last evaluation) and saves the global model after them
+    (``servers/serverbase.py::save_global_model``); kdfl's run is resumed to R + 1 rounds
+    and its per-client metric ``spec.shared`` read at that round."""
+    import numpy as np
+    import torch
+
+    from kdfl import config, experiment
+    from kdfl.report import read_run
+
+    out = root / name / "shared.json"
+    if out.is_file():
+        a, b = json.loads(out.read_text())
+        return a, b
+    sys.path.insert(0, str(HERE / "shim"))
+    from parity_models import ParityMLP
+
+    saved = torch.load(root / name / "system" / "models" / DATASET / f"{spec.pfllib}_server.pt", weights_only=False)
+    state = saved.state_dict() if isinstance(saved, torch.nn.Module) else saved
+    rename = {"base.fc1.weight": "fc1.weight", "base.fc1.bias": "fc1.bias", "head.weight": "fc.weight",
+              "head.bias": "fc.bias"}  # FedKD's BaseHeadSplit names (main.py splits off fc as the head)
+    state = {rename.get(k, k): torch.as_tensor(np.asarray(v)) for k, v in state.items()}
+    spec_m = json.loads((root / "model.json").read_text())
+    model = ParityMLP(spec_m["in_dim"], spec_m["hidden"], spec_m["num_classes"])
+    model.load_state_dict(state)
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for cid in range(len(sizes)):
+            x, y = pfllib.read_client(root / "dataset" / DATASET, cid, train=False)
+            pred = model(torch.as_tensor(x)).argmax(1).numpy()
+            correct += int((pred == y).sum())
+            total += len(y)
+    ref = correct / total
+    cfg = config.load(None, [*kdfl_overrides(spec, seed, s), f"run.rounds={int(s['rounds']) + 1}"])
+    run_dir = root / name / "kdfl" / "run"
+    experiment.run(cfg, run_dir, resume=True)
+    records, _ = read_run(run_dir)
+    per = records[-1]["client_eval"]
+    n = [sizes[c] for c in per["clients"]]
+    ours = sum(a * k for a, k in zip(per[spec.shared], n, strict=True)) / sum(n)
+    out.write_text(json.dumps([ref, ours]))
+    return ref, ours
+
+
 def verdict(ref: list[float], ours: list[float]) -> tuple[bool, str]:
     mr, mk = statistics.mean(ref), statistics.mean(ours)
     spread = max(max(ref) - min(ref), max(ours) - min(ours))
     diff = mk - mr
     ok = abs(diff) < spread
+    paired = [b - a for a, b in zip(ref, ours, strict=True)]
+    same_sign = len(paired) > 1 and (all(d > 0 for d in paired) or all(d < 0 for d in paired))
+    side = "higher" if paired[0] > 0 else "lower"
     return ok, (f"final accuracy PFLlib {mr:.4f}, kdfl {mk:.4f} (mean over seeds), difference {diff:+.4f}; "
-                f"seeds' spread {spread:.4f}")
+                f"seeds' spread {spread:.4f}; kdfl - PFLlib per seed: {', '.join(f'{d:+.4f}' for d in paired)}"
+                + (f" (kdfl {side} on every seed)" if same_sign else ""))
 
 
 def report(results: dict[str, dict[int, tuple[list[float], list[float]]]], s: dict[str, object], commit: str,
-           seeds: list[int], command: str, init0: dict[int, float]) -> str:
+           seeds: list[int], command: str, init0: dict[int, float],
+           shared: dict[str, dict[int, tuple[float, float]]]) -> str:
     lines = [
         "# Parity: kdfl against PFLlib",
         "",
-        f"Reference: PFLlib (github.com/TsingZ0/PFLlib) at commit `{commit}`, run unchanged through",
+        f"Reference: PFLlib (github.com/TsingZ0/PFLlib) at commit `{commit}`; kdfl at {kdfl_revision()} "
+        "(when this report was written; each side's curve is cached in runs/parity/ from when it ran). "
+        "PFLlib is run unchanged through",
         "`benchmarks/parity/shim/` (stand-ins for uninstalled packages; the model replaced by the parity MLP",
         "with kdfl's initial weights). Produced by:",
         "",
@@ -285,9 +371,25 @@ def report(results: dict[str, dict[int, tuple[list[float], list[float]]]], s: di
         "correct predictions over all clients' own test splits / their size, each client with the model it holds.",
         "",
         "Verdict: *parity* when the mean final accuracies differ by less than the seeds' spread (the larger of "
-        "the two sides' max - min over seeds).",
+        "the two sides' max - min over seeds). With two seeds this is a weak test when one side's seeds "
+        "disagree: read the per-seed differences beside it. Each seed gives both sides the same partition and "
+        "initial weights, so a difference of the same sign on every seed points at the implementations; "
+        "PFLlib's own run-to-run noise (its client order comes from an unseeded `np.random.choice`, "
+        "`servers/serverbase.py:99`, and with it the data order) is not controlled by the seed.",
         "",
     ]
+    lines += ["| algorithm | PFLlib final (per seed) | kdfl final (per seed) | kdfl - PFLlib | seeds' spread | verdict |",
+              "|---|---|---|---|---|---|"]
+    for name, per_seed in results.items():
+        refs = [per_seed[k][0][-1] for k in seeds]
+        ours = [per_seed[k][1][-1] for k in seeds]
+        ok, _ = verdict(refs, ours)
+        spread = max(max(refs) - min(refs), max(ours) - min(ours))
+        lines.append(f"| {name} | {statistics.mean(refs):.4f} ({', '.join(f'{a:.4f}' for a in refs)}) | "
+                     f"{statistics.mean(ours):.4f} ({', '.join(f'{a:.4f}' for a in ours)}) | "
+                     f"{statistics.mean(ours) - statistics.mean(refs):+.4f} | {spread:.4f} | "
+                     f"{'parity' if ok else 'no parity'} |")
+    lines.append("")
     for name, per_seed in results.items():
         spec = SPECS[name]
         refs = [per_seed[k][0][-1] for k in seeds]
@@ -295,6 +397,13 @@ def report(results: dict[str, dict[int, tuple[list[float], list[float]]]], s: di
         ok, text = verdict(refs, ours)
         lines += [f"## {name} (PFLlib `{spec.pfllib}`)", "", f"Evaluated: {spec.evaluated}.", "",
                   f"**{'parity' if ok else 'no parity'}**: {text}.", ""]
+        if name in shared:
+            sh = shared[name]
+            ok_s, text_s = verdict([sh[k][0] for k in seeds], [sh[k][1] for k in seeds])
+            per_s = "; ".join(f"seed {k}: PFLlib {sh[k][0]:.4f}, kdfl {sh[k][1]:.4f}" for k in seeds)
+            lines += [f"The shared model ({spec.shared.replace('_accuracy', '')}) after {int(s['rounds']) + 1} rounds "
+                      f"(the model PFLlib saves), on the same splits: {per_s}. "
+                      f"**{'parity' if ok_s else 'no parity'}**: {text_s}.", ""]
         r0 = "; ".join(f"seed {k}: PFLlib {per_seed[k][0][0]:.4f}, kdfl {init0[k]:.4f}" for k in seeds)
         lines += [f"Round 0 (the shared initial weights, before any training): {r0}.", ""]
         head = "| round | " + " | ".join(f"PFLlib s{k} | kdfl s{k}" for k in seeds) + " |"
@@ -342,6 +451,7 @@ def main() -> None:
     work = args.work / tag
     results: dict[str, dict[int, tuple[list[float], list[float]]]] = {}
     init0: dict[int, float] = {}
+    shared: dict[str, dict[int, tuple[float, float]]] = {}
     for name in names:
         results[name] = {}
         for seed in seeds:
@@ -350,9 +460,11 @@ def main() -> None:
             ref_curve = run_reference(name, SPECS[name], seed, s, root, ref)
             ours = run_kdfl(name, SPECS[name], seed, s, root, sizes)
             results[name][seed] = (ref_curve, ours)
+            if SPECS[name].shared:
+                shared.setdefault(name, {})[seed] = shared_accuracy(name, SPECS[name], seed, s, root, sizes)
     command = "python benchmarks/parity/run.py " + " ".join(
         a if not a.startswith("/") else "DIR" if Path(a).resolve() == ref else a for a in sys.argv[1:])
-    text = report(results, s, commit, seeds, command, init0)
+    text = report(results, s, commit, seeds, command, init0, shared)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     print(text)
