@@ -345,3 +345,27 @@ def test_tracked_statistics_equal_across_executors(arch):
     if arch.startswith("mlp"):  # the reference runner in worker processes: bit for bit (one pool start)
         with Parallel(workers=2) as ex:
             assert_close(ref, ex.run(alg, task, jobs), exact=True)
+
+
+def test_batched_templates_pool_1d_exactly_as_the_model():
+    # the vectorized executor's 1-D max-pools (a reshape and a max over the last axis):
+    # the same outputs and gradients as nn.MaxPool1d, ties included (zeros after ReLU)
+    import copy
+
+    from torch.func import functional_call, grad, vmap
+
+    from kdfl.simulation.vectorized import _fast_pools, _MaxPoolLastAxis
+
+    model = models.build("cnn:width=4,hidden=8", (1, 41), 5)  # odd length: the last column is dropped
+    fast = _fast_pools(copy.deepcopy(model))
+    assert sum(isinstance(m, _MaxPoolLastAxis) for m in fast.modules()) == 2
+    assert not any(isinstance(m, torch.nn.MaxPool1d) for m in fast.modules())
+    params = {k: v.detach().unsqueeze(0).repeat(3, *[1] * v.dim()) for k, v in model.named_parameters()}
+    x = torch.randn(3, 6, 1, 41).relu()  # (clients, batch, ...): many exact zeros
+
+    def loss(m):
+        return lambda p, xb: functional_call(m, p, (xb,)).square().sum()
+
+    ref, got = vmap(grad(loss(model)))(params, x), vmap(grad(loss(fast)))(params, x)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert torch.equal(model(x[0]), fast(x[0]))
