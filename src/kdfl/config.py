@@ -40,10 +40,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from kdfl.simulation.executors import DEFAULT_EXECUTOR
-from kdfl.simulation.rounds import RunSettings
-from kdfl.train import LocalSGD
-from kdfl.types import KdflError
+from kdfl.errors import KdflError
+
+# Reading a config file (and its errors: a missing file, bad TOML, a bad --set) imports no
+# torch, so `kdfl run` says what is wrong at once: what validation needs is imported there.
+# kdfl.simulation.executors.DEFAULT_EXECUTOR, not imported for that reason (tests/simulation/
+# test_executors.py checks that the two agree)
+DEFAULT_EXECUTOR = "batched"
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -221,6 +224,8 @@ def validate(raw: dict[str, Any]) -> Config:
     from kdfl.attacks import ATTACKS
     from kdfl.data import DATASETS, PARTITIONS
     from kdfl.data.partition import FILE_PARAMS
+    from kdfl.simulation.rounds import RunSettings
+    from kdfl.train import LocalSGD
 
     for section, value in raw.items():
         if section not in DEFAULTS:
@@ -235,7 +240,6 @@ def validate(raw: dict[str, Any]) -> Config:
         if section in NAMED_SECTIONS and "name" in values and values["name"] != cfg[section].get("name"):
             cfg[section] = {"name": values["name"], **({"fraction": 0.0} if section == "attack" else {})}
         cfg[section].update(copy.deepcopy(values))
-
     _validate_fixed(cfg, "run", {**dataclass_hints(RunSettings), **_RUN_EXTRA})
     _check_run(cfg["run"])
     _validate_fixed(cfg, "local", dataclass_hints(LocalSGD))
@@ -347,6 +351,8 @@ def _check_run(run: dict[str, Any]) -> None:
         torch.device(run["device"])
     except (RuntimeError, ValueError):
         raise KdflError(f"run.device {run['device']!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    from kdfl.simulation.rounds import RunSettings
+
     RunSettings(**{k: v for k, v in run.items() if k in RunSettings.__dataclass_fields__})
 
 
