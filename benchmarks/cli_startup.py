@@ -8,7 +8,8 @@ same table times a bare interpreter (``python -c pass``: the floor no command ca
 under) and the full import of the package a ``kdfl run`` needs (torch, the engine, every
 algorithm, the sweep and report modules). It prints the median wall time and the median
 CPU time (user + system of the child: less sensitive to other processes on the machine)
-of each, and before / after.
+of each, and before / after. One row is a config error (a config file that does not
+exist): how soon a mistake is reported.
 
     python benchmarks/cli_startup.py                    # before = 446433d (the eager CLI), 5 repeats
     python benchmarks/cli_startup.py --before HEAD~3 --repeat 9
@@ -36,6 +37,7 @@ COMMANDS = {  # name -> python arguments
     "kdfl --help": ["-m", "kdfl", "--help"],
     "kdfl run --help": ["-m", "kdfl", "run", "--help"],
     "kdfl list": ["-m", "kdfl", "list"],
+    "kdfl run missing.toml (error)": ["-m", "kdfl", "run", "no-such-config.toml"],
     "full import": ["-c", FULL_IMPORT],
 }
 
@@ -48,7 +50,7 @@ def timed(src: Path, args: list[str]) -> tuple[float, float]:
     p = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode != 0:
+    if p.returncode != (2 if "no-such-config.toml" in args else 0):  # the config error's exit status
         raise SystemExit(f"python {' '.join(args)} failed on {src}:\n{p.stderr[-2000:]}")
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 

@@ -376,14 +376,15 @@ def test_python_dash_m_kdfl_is_the_cli():
 
 
 def test_version_and_help_do_not_import_torch():
-    """`kdfl --version`, `--help`, report's errors and a config file's errors (missing, bad
-    --set) print before torch (or numpy) is imported: lazy imports.
+    """`kdfl --version`, `--help`, report's errors and a config or sweep file's errors
+    (missing, bad --set) print before torch (or numpy) is imported: lazy imports.
     Their speed is measured in benchmarks/cli_startup.py, not asserted here."""
     code = ("import sys\nfrom kdfl.cli import main\n"
             "for argv in (['--version'], ['--help'], ['run', '--help'], ['report', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
             "assert main(['report', 'no-such-run']) == 2\n"
             "assert main(['run', 'no-such-config.toml']) == 2 and main(['run', '--set', 'rounds=3']) == 2\n"
+            "assert main(['sweep', 'no-such-sweep.toml']) == 2\n"
             "print('heavy:', sorted(m for m in ('torch', 'numpy', 'kdfl.types') if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from kdfl.config import NAMED_SECTIONS
-from kdfl.types import KdflError
+from kdfl.errors import KdflError
 
 if sys.version_info >= (3, 11):
     import tomllib
