@@ -4,8 +4,8 @@
 Skipped without a CUDA device (CI has none); run on a GPU machine with
 ``python -m pytest -q tests/test_cuda.py``. What is checked:
 
-- every registered algorithm runs two rounds on the GPU under each executor that
-  applies there, with no failed or rejected client, finite metrics, and its global
+- every registered algorithm runs two rounds on the GPU under every executor (the
+  default ``batched`` included; ``parallel``'s worker processes each open the device), with no failed or rejected client, finite metrics, and its global
   model (where it has one) left on the device;
 - the GPU's numbers agree with the CPU's for FedAvg (same seed: same sampling, data order
   and initial weights; only the kernels differ, so within float tolerance);
@@ -45,7 +45,7 @@ def finite(record: dict) -> bool:
     return all(math.isfinite(v) for v in record.values() if isinstance(v, float))
 
 
-@pytest.mark.parametrize("executor", ["sequential", "vectorized", "auto"])
+@pytest.mark.parametrize("executor", ["sequential", "vectorized", "batched", "auto", "parallel:workers=2"])
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_algorithm_runs_on_the_gpu(name, executor):
     hist = experiment.run(cfg_of(name, "run.device=cuda", f"run.executor={executor}"))
@@ -72,3 +72,10 @@ def test_vectorized_equals_sequential_on_the_gpu(name):
     for k, v in (seq.state.params or {}).items():
         torch.testing.assert_close(vec.state.params[k], v, rtol=1e-3, atol=1e-4, msg=k)
     assert seq.records[-1].get("accuracy") == pytest.approx(vec.records[-1].get("accuracy"), abs=0.02)
+
+
+def test_a_diverging_client_fails_on_the_gpu_as_on_the_cpu():
+    # the GPU path reads the loss once per phase instead of once per step: same clients fail
+    cpu = experiment.run(cfg_of("fedavg", "run.device=cpu", "local.lr=1e12", "run.rounds=1"))
+    gpu = experiment.run(cfg_of("fedavg", "run.device=cuda", "local.lr=1e12", "run.rounds=1"))
+    assert cpu.records[0]["failed"] and gpu.records[0]["failed"] == cpu.records[0]["failed"]

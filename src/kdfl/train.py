@@ -134,6 +134,12 @@ def local_train(
         return getattr(models[model], method)(*args)  # type: ignore[no-any-return]
 
     total, steps = 0.0, 0
+    # on an accelerator the losses are summed and checked on the device and read once at the
+    # end (a read per step would wait for every step's kernels); on the CPU a read is free and
+    # a diverged client stops at once. Both sum the same float64 values in the same order.
+    on_host = device.type == "cpu"
+    total_dev = torch.zeros((), dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     for idx in batch_indices(len(data), cfg, generator):
         x = data.x[idx].to(device)
         batch = Batch(x, None if data.y is None else data.y[idx].to(device), idx,
@@ -148,19 +154,32 @@ def local_train(
         if phase.track is not None and tracked is not None:
             assert batch.y is not None  # Program checks that tracking phases have labels
             phase.track.update(tracked, values[phase.track.model]["logits"], batch.y)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise KdflError(f"local training diverged (loss={value} at step {steps} of phase {phase.name!r}): "
-                            "lower local.lr")
+        if on_host:
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise _diverged(value, steps, phase.name)
+            total += value
+        else:
+            lv = loss.detach().double()
+            total_dev += lv
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(lv), steps, first_bad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad_norm:
             for name in phase.train:  # each model's own norm, as PFLlib clips each model
                 torch.nn.utils.clip_grad_norm_(params[name].values(), cfg.clip_grad_norm)
         opt.step()
-        total += value
         steps += 1
+    if not on_host:
+        bad = int(first_bad)  # the phase's one read of the device
+        if bad >= 0:
+            raise _diverged(float("nan"), bad, phase.name)
+        total = float(total_dev)
     return {f"{phase.name}_loss": total / max(steps, 1), "steps": float(steps)}
+
+
+def _diverged(value: float, step: int, phase: str) -> KdflError:
+    return KdflError(f"local training diverged (loss={value} at step {step} of phase {phase!r}): lower local.lr")
 
 
 def _to(value: Any, device: torch.device) -> Any:

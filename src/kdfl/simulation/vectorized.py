@@ -214,15 +214,20 @@ def _fast_pools(model: nn.Module) -> nn.Module:
     """The batched template of ``model``: its plain 1-D max-pools replaced by
     :class:`_MaxPoolLastAxis` (every other module as it is)."""
 
-    def plain(m: nn.Module) -> bool:
+    def first(v: Any) -> int:
+        return v if isinstance(v, int) else int(v[0])
+
+    def kernel(m: nn.Module) -> int:
+        """The kernel of a plain 1-D max-pool (stride = kernel, no padding, dilation or
+        ceil mode, no indices); 0 for anything else."""
         if not isinstance(m, nn.MaxPool1d) or m.return_indices or m.ceil_mode:
-            return False
-        k, st, pad, dil = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, m.padding, m.dilation))
-        return k == st and pad == 0 and dil == 1
+            return 0
+        k = first(m.kernel_size)
+        return k if first(m.stride) == k and first(m.padding) == 0 and first(m.dilation) == 1 else 0
 
     for name, child in list(model.named_children()):
-        if plain(child):
-            k = child.kernel_size if isinstance(child.kernel_size, int) else child.kernel_size[0]
+        k = kernel(child)
+        if k:
             setattr(model, name, _MaxPoolLastAxis(k))
         else:
             _fast_pools(child)
@@ -477,8 +482,9 @@ class Vectorized:
                     state[name][n] = ws[0].to(dev).unsqueeze(0).expand(k, *ws[0].shape).clone()
                 else:
                     state[name][n] = torch.stack([w.to(dev) for w in ws])
-        totals = torch.zeros(k, len(lead.phases), dtype=torch.float64)
-        finite = torch.ones(k, dtype=torch.bool)
+        # kept on the device and read once in _finish (a read per step would wait for its kernels)
+        totals = torch.zeros(k, len(lead.phases), dtype=torch.float64, device=dev)
+        finite = torch.ones(k, dtype=torch.bool, device=dev)
         tracked: dict[str, LabelStats] = {}
         for p, ph in enumerate(lead.phases):
             steps = [len(it.batches[p]) for it in items]
@@ -486,8 +492,8 @@ class Vectorized:
             if order == list(range(k)):
                 per_step, stats = self._train_phase(task, items, p, ph, state, templates)  # (m_t,): clients 0..m_t-1
                 for lv in per_step:
-                    totals[: lv.shape[0], p] += lv.double().cpu()
-                    finite[: lv.shape[0]] &= torch.isfinite(lv).cpu()
+                    totals[: lv.shape[0], p] += lv.double()
+                    finite[: lv.shape[0]] &= torch.isfinite(lv)
                 if stats is not None:
                     tracked[ph.name] = stats
                 continue
@@ -499,9 +505,9 @@ class Vectorized:
             if stats is not None:
                 tracked[ph.name] = stats[inverse]
             for lv in per_step:
-                rows = perm[: lv.shape[0]]
-                totals[rows, p] += lv.double().cpu()
-                finite[rows] &= torch.isfinite(lv).cpu()
+                rows = perm[: lv.shape[0]].to(dev)
+                totals[rows, p] += lv.double()
+                finite[rows] &= torch.isfinite(lv)
         return state, totals, finite, tracked
 
     def _train_phase(self, task: Task, items: list[_Item], p: int, ph: Phase, state: dict[str, dict[str, Tensor]],
