@@ -45,6 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -55,6 +56,24 @@ sys.path.insert(0, str(HERE))
 import pfllib  # noqa: E402
 
 DATASET = "kdflmnist1d"  # no "MNIST" in it: PFLlib's main.py picks models by that substring
+KDFL_DIR = "kdfl"  # where a kdfl run goes under <seed>/<algorithm>/ ("kdfl-global-init" with --personal-init global)
+
+
+def use_global_personal_init() -> None:
+    """Diagnostic (``--personal-init global``): kdfl's FedProto and FML clients start their
+    personal models from the initial *global* weights, as every PFLlib client does (each
+    copies the one ``args.model``, ``clients/clientbase.py:19``), instead of kdfl's own
+    per-client draw (``kdfl.algorithms.program.fresh_weights``). Done by replacing the name
+    ``fresh_weights`` in those two modules inside this process only; kdfl is not changed."""
+    import kdfl.algorithms.fedproto as fedproto
+    import kdfl.algorithms.fml as fml
+    from kdfl.algorithms.kit.weights import init_params
+
+    def global_init(task, client_id, arch):  # noqa: ANN001, ANN202 (fresh_weights' signature)
+        return init_params(task, arch)
+
+    fedproto.fresh_weights = global_init  # type: ignore[assignment]
+    fml.fresh_weights = global_init  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -96,7 +115,8 @@ SPECS: dict[str, Spec] = {
             "is not what PFLlib's server runs).",
             "Personal models' initial weights: every PFLlib client copies the one `args.model` "
             f"({P}clients/clientbase.py:19`), so all start from kdfl's initial global weights here; kdfl draws "
-            "a fresh initialisation per client (`fresh_weights(task, client.id, ...)`).",
+            "a fresh initialisation per client (`fresh_weights(task, client.id, ...)`); `--personal-init global` "
+            "runs kdfl with PFLlib's.",
         )),
     "fedgen": Spec(
         "FedGen", ("-nd", "32", "-hd", "256", "-se", "50", "-glr", "0.0003"), ('algorithm.name="fedgen"',),
@@ -113,39 +133,40 @@ SPECS: dict[str, Spec] = {
         ('algorithm.name="fedkd"', "algorithm.energy_rounds={rounds}"),
         evaluated="each client's mentor (its private model) on its own test split", shared="mentee_accuracy",
         notes=COMMON_NOTES + (
-            f"{P}clients/clientkd.py:31,66-67`: `nn.KLDivLoss()` with its default reduction (mean over B*C), "
-            "divided by the non-detached CE_mentor + CE_mentee.",
-            f"{P}clients/clientkd.py:68-69,77-78`: the hidden loss MSE(rep_mentor, W_h(rep_mentee)) with a "
-            "learned W_h appears in both losses and both are back-propagated, so every term's gradient reaches "
-            "both models (also the KL targets, which are not detached).",
-            f"{P}clients/clientkd.py:80-82`: gradient norms clipped at 10; "
-            f"{P}clients/clientbase.py:19` + clientkd.py:16`: mentor and mentee start from the same weights "
-            "(here kdfl's initial global weights).",
-            f"{P}servers/serverkd.py:126`: uniform average of the clients' SVD-compressed mentees; energy "
-            f"T_start + (1+i)/R (T_end - T_start) ({P}servers/serverkd.py:60`).",
+            "kdfl's FedKD (since commit c244368) follows PFLlib's client on the points that matter: "
+            f"`nn.KLDivLoss()`'s reduction ({P}clients/clientkd.py:31,66-67`), the weight 1/(CE_mentor + "
+            "CE_mentee) and the KL targets not detached, the hidden MSE through a learned map counted twice "
+            f"(clientkd.py:68-69`), gradient norms clipped at 10 (clientkd.py:80-82`), the mentor starting from "
+            f"the mentee's initial weights (clientkd.py:16`), the uniform average ({P}servers/serverkd.py:126`) "
+            "and the energy schedule (serverkd.py:60`).",
+            "Left different (kdfl's docstring, `src/kdfl/algorithms/fedkd.py` lines 52-55): an eps in the "
+            "adaptive weight, and kdfl's map has a bias where PFLlib's `W_h` has none. The shared-model row "
+            "compares PFLlib's saved global model, the uncompressed average before its SVD "
+            f"({P}servers/serverkd.py:51-52`), with kdfl's `mentee_accuracy`.",
         )),
     "fml": Spec(
         "FML", ("-al", "0.5", "-bt", "0.5"), ('algorithm.name="fml"', "algorithm.alpha=0.5", "algorithm.beta=0.5"),
         evaluated="each client's personal (local) model on its own test split", shared="meme_accuracy",
         notes=COMMON_NOTES + (
-            f"{P}clients/clientfml.py:24,49-50`: `nn.KLDivLoss()` with its default reduction (mean over B*C, "
-            "1/C of a batch-mean KL), and the KL targets `F.softmax(output_g)` / `F.softmax(output)` are not "
-            "detached, so each model also gets the other loss's gradient (loss.backward then loss_g.backward, "
-            "lines 54-55).",
-            f"{P}clients/clientfml.py:57-58`: gradient norms clipped at 10.",
-            f"{P}servers/serverfml.py:96-98`: the meme is averaged uniformly (1/K), not by sample counts.",
+            "kdfl's FML (since commit c814e9f) reduces the KL as PFLlib's `nn.KLDivLoss()` "
+            f"({P}clients/clientfml.py:24,49-50`: mean over B*C) and clips gradient norms at 10 (clientfml.py:57-58`).",
+            "Left different: PFLlib's KL targets `F.softmax(output_g)` / `F.softmax(output)` are not detached and "
+            "both losses are back-propagated (clientfml.py:49-50,54-55`), so each model also gets the other's KL "
+            "gradient; kdfl detaches the target (deep mutual learning; `src/kdfl/algorithms/fml.py`, `kl_to`). "
+            f"PFLlib averages the memes uniformly ({P}servers/serverfml.py:96-98`); kdfl weights the deltas by "
+            "sample counts (`kit/weights.py::aggregate_deltas`) and has no uniform option for FML.",
             "Personal models' initial weights: PFLlib's copy `args.model` (the global initial weights); kdfl's "
-            "are a fresh per-client draw.",
+            "are a fresh per-client draw; `--personal-init global` runs kdfl with PFLlib's.",
         )),
 }
 
 
-def settings(args: argparse.Namespace) -> dict[str, object]:
+def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"rounds": args.rounds, "lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
             "hidden": args.hidden, "alpha": args.alpha, "clients": 20, "num_samples": 10000, "holdout": 0.25}
 
 
-def kdfl_overrides(spec: Spec, seed: int, s: dict[str, object]) -> list[str]:
+def kdfl_overrides(spec: Spec, seed: int, s: dict[str, Any]) -> list[str]:
     return [
         f"run.seed={seed}", f"run.rounds={s['rounds']}", "run.clients_per_round=0", "run.client_eval_every=1",
         "run.threads=1", 'data.name="mnist1d"', f"data.num_samples={s['num_samples']}",
@@ -156,7 +177,7 @@ def kdfl_overrides(spec: Spec, seed: int, s: dict[str, object]) -> list[str]:
     ]
 
 
-def prepare(seed: int, s: dict[str, object], work: Path) -> tuple[Path, list[int]]:
+def prepare(seed: int, s: dict[str, Any], work: Path) -> tuple[Path, list[int]]:
     """Export the seed's split in PFLlib's format and write the parity model's spec with
     kdfl's initial global weights; returns (the PFLlib working root, test-split sizes)."""
     import numpy as np
@@ -209,7 +230,7 @@ def prepare(seed: int, s: dict[str, object], work: Path) -> tuple[Path, list[int
     return root, sizes
 
 
-def run_reference(name: str, spec: Spec, seed: int, s: dict[str, object], root: Path, ref: Path) -> list[float]:
+def run_reference(name: str, spec: Spec, seed: int, s: dict[str, Any], root: Path, ref: Path) -> list[float]:
     """PFLlib's per-round accuracy (r = 0..R) for one algorithm and seed."""
     out = root / name
     done = out / "curve.json"
@@ -240,14 +261,14 @@ def run_reference(name: str, spec: Spec, seed: int, s: dict[str, object], root: 
     return curve
 
 
-def run_kdfl(name: str, spec: Spec, seed: int, s: dict[str, object], root: Path, sizes: list[int]) -> list[float]:
+def run_kdfl(name: str, spec: Spec, seed: int, s: dict[str, Any], root: Path, sizes: list[int]) -> list[float]:
     """kdfl's per-round accuracy (r = 1..R): per-client held-out accuracy, size-weighted."""
     import torch
 
     from kdfl import config, experiment
     from kdfl.report import read_run
 
-    out = root / name / "kdfl"
+    out = root / name / KDFL_DIR
     done = out / "curve.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -289,7 +310,7 @@ def kdfl_revision() -> str:
     return f"`{sha}`" + (" with uncommitted changes in src/" if dirty else "")
 
 
-def shared_accuracy(name: str, spec: Spec, seed: int, s: dict[str, object], root: Path,
+def shared_accuracy(name: str, spec: Spec, seed: int, s: dict[str, Any], root: Path,
                     sizes: list[int]) -> tuple[float, float]:
     """The shared model (FedKD's mentee, FML's meme) on every client's test split, size-
     weighted: (PFLlib, kdfl). PFLlib's ``main.py`` runs R + 1 training rounds (the last one
@@ -302,7 +323,7 @@ def shared_accuracy(name: str, spec: Spec, seed: int, s: dict[str, object], root
     from kdfl import config, experiment
     from kdfl.report import read_run
 
-    out = root / name / "shared.json"
+    out = root / name / f"shared-{KDFL_DIR}.json"
     if out.is_file():
         a, b = json.loads(out.read_text())
         return a, b
@@ -327,7 +348,7 @@ def shared_accuracy(name: str, spec: Spec, seed: int, s: dict[str, object], root
             total += len(y)
     ref = correct / total
     cfg = config.load(None, [*kdfl_overrides(spec, seed, s), f"run.rounds={int(s['rounds']) + 1}"])
-    run_dir = root / name / "kdfl" / "run"
+    run_dir = root / name / KDFL_DIR / "run"
     experiment.run(cfg, run_dir, resume=True)
     records, _ = read_run(run_dir)
     per = records[-1]["client_eval"]
@@ -350,7 +371,7 @@ def verdict(ref: list[float], ours: list[float]) -> tuple[bool, str]:
                 + (f" (kdfl {side} on every seed)" if same_sign else ""))
 
 
-def report(results: dict[str, dict[int, tuple[list[float], list[float]]]], s: dict[str, object], commit: str,
+def report(results: dict[str, dict[int, tuple[list[float], list[float]]]], s: dict[str, Any], commit: str,
            seeds: list[int], command: str, init0: dict[int, float],
            shared: dict[str, dict[int, tuple[float, float]]]) -> str:
     lines = [
@@ -367,7 +388,9 @@ def report(results: dict[str, dict[int, tuple[list[float], list[float]]]], s: di
         f"Federation: mnist1d, {s['clients']} clients, Dirichlet({s['alpha']}) from kdfl, 75/25 per-client "
         f"train/test split; MLP 40-{s['hidden']}-10 from the same initial weights; plain SGD lr {s['lr']}, "
         f"batch {s['batch_size']}, {s['epochs']} local epoch(s), all clients every round, {s['rounds']} rounds; "
-        f"seeds {', '.join(map(str, seeds))} (each seed: its own partition and initial weights). Accuracy: "
+        f"seeds {', '.join(map(str, seeds))} (each seed: its own partition and initial weights). "
+        + ("kdfl's FedProto and FML personal models start from the global initial weights as PFLlib's do "
+           "(diagnostic `--personal-init global`). " if KDFL_DIR != "kdfl" else "") + "Accuracy: "
         "correct predictions over all clients' own test splits / their size, each client with the model it holds.",
         "",
         "Verdict: *parity* when the mean final accuracies differ by less than the seeds' spread (the larger of "
@@ -432,6 +455,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--personal-init", choices=("kdfl", "global"), default="kdfl",
+                   help="diagnostic: 'global' starts kdfl's FedProto/FML personal models from the global initial "
+                        "weights, as PFLlib does (see use_global_personal_init)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "parity")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "parity.md")
     args = p.parse_args()
@@ -446,6 +472,10 @@ def main() -> None:
     if unknown:
         p.error(f"unknown algorithm(s) {unknown}; available: {', '.join(SPECS)}")
     seeds = [int(k) for k in args.seeds.split(",")]
+    if args.personal_init == "global":
+        global KDFL_DIR
+        KDFL_DIR = "kdfl-global-init"
+        use_global_personal_init()
     s = settings(args)
     tag = "_".join(f"{k}{v}" for k, v in s.items())
     work = args.work / tag
