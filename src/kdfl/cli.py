@@ -245,15 +245,15 @@ def interrupted(args: argparse.Namespace, argv: list[str]) -> str:
     # the same command with --resume (and without --overwrite: the files to resume from are there now)
     again = "kdfl " + shlex.join([*(a for a in argv if a != "--overwrite"), *([] if args.resume else ["--resume"])])
     out = Path(args.out)
-    try:
-        from kdfl.simulation import checkpoint
+    from kdfl.simulation import checkpoint
 
-        done: int | None = int(checkpoint.load(out)["round"])
-    except (KdflError, OSError, ImportError):
-        done = None
-    if done is None:
+    if not ((out / checkpoint.FILE).is_file() or (out / checkpoint.PREV).is_file()):
         return (f"interrupted before the first checkpoint in {out}: `{again}` starts the run again from round 0 "
                 "there")
+    try:
+        done = int(checkpoint.load(out)["round"])
+    except (KdflError, OSError):  # `--resume` names the recovery (e.g. which checkpoint to rename)
+        return f"interrupted; `{again}` goes on from the checkpoint in {out}, or says how to recover it"
     return f"interrupted; {out} holds a checkpoint after round {done}: `{again}` continues from round {done + 1}"
 
 
