@@ -117,6 +117,91 @@ def test_selection_uses_the_validation_mean_never_the_test_set(tmp_path: Path) -
     assert "no tuning value finished on every seed" in table
 
 
+
+CANDIDATES = TINY + """
+"data.val_size" = 100
+[methods.fedavg]
+"algorithm.name" = "fedavg"
+[methods.ref]                      # the grid's values and its own reference optimizer
+"algorithm.name" = "fedavg"
+"tune.candidates" = [{"local.lr" = 0.01, "local.momentum" = 0.0, "local.lr_decay" = 0.99}]
+[methods.tied]                     # only its own candidates: a weight tied to the lr
+"algorithm.name" = "fedprox"
+"tune.grid" = false
+[[methods.tied.tune.candidates]]
+"local.lr" = 0.01
+"algorithm.mu" = 1.0
+[[methods.tied.tune.candidates]]
+"local.lr" = 0.1
+"algorithm.mu" = 0.1
+[methods.fixed]                    # not tuned
+"algorithm.name" = "fedavg"
+"tune.grid" = false
+[tune.grid]
+"local.lr" = [0.05, 0.1]
+"""
+
+
+def test_a_methods_own_tuning_candidates(tmp_path: Path) -> None:
+    sw = sweep.load(write(tmp_path, CANDIDATES), out=tmp_path / "out")
+    ref = (("local.lr", 0.01), ("local.momentum", 0.0), ("local.lr_decay", 0.99))
+    assert sw.tunings("fedavg") == [(("local.lr", 0.05),), (("local.lr", 0.1),)]
+    assert sw.tunings("ref") == [*sw.tunings("fedavg"), ref]
+    assert sw.tunings("tied") == [(("local.lr", 0.01), ("algorithm.mu", 1.0)), (("local.lr", 0.1), ("algorithm.mu", 0.1))]
+    assert sw.tunings("fixed") == [()] and not sw.tuned("fixed") and sw.tuned("tied")
+    assert sw.tunings() == sw.tunings("fedavg")  # without a method: the grid's product
+    assert sw.tune_keys() == ["local.lr", "local.momentum", "local.lr_decay", "algorithm.mu"]
+    runs = sw.runs()
+    assert len(runs) == (2 + 3 + 2 + 1) * 2 and len({r.out for r in runs}) == len(runs)
+    r = next(r for r in runs if r.method == "ref" and r.tuning == ref and r.seed == 1)
+    # a candidate's keys over the method's and [set]'s, as a grid tuning value's
+    assert {"local.lr=0.01", "local.momentum=0.0", "local.lr_decay=0.99"} <= set(r.overrides)
+    assert r.out == tmp_path / "out" / "runs" / "ref" / "base" / "local.lr=0.01,local.momentum=0.0,local.lr_decay=0.99" / "seed1"
+    tied = next(r for r in runs if r.method == "tied" and dict(r.tuning)["local.lr"] == 0.1)
+    assert "algorithm.mu=0.1" in tied.overrides and "tune" not in " ".join(tied.overrides)
+    assert next(r for r in runs if r.method == "fixed").out.parent.name == "base"
+
+    def res(method: str, tuning: sweep.Assignment, seed: int, val: float | None, test: float) -> sweep.RunResult:
+        rec = {"round": 1, "accuracy": test} | ({} if val is None else {"val_accuracy": val})
+        return sweep.RunResult(sweep.Run(method, (), tuning, seed, (), Path(".")), [rec], {"final_accuracy": test}, None)
+
+    grid_lo, grid_hi = sw.tunings("ref")[:2]
+    results = [res("ref", t, s, v, 0.5) for t, v in ((grid_lo, 0.6), (grid_hi, 0.7), (ref, 0.8)) for s in (0, 1)]
+    results += [res("fixed", (), 0, None, 0.4)]
+    chosen, md = sweep.select(sw, results)
+    assert chosen[("ref", ())] == ref  # the reference optimizer validates best: kept like a grid value
+    assert ("fixed", ()) not in chosen  # one seed of two finished
+    results.append(res("fixed", (), 1, None, 0.6))
+    chosen, md = sweep.select(sw, results)
+    assert chosen[("fixed", ())] == ()  # nothing to select: kept once every seed finished, no metric needed
+    assert "| ref | - | 0.01 | 0.0 | 0.99 | - | 2 | 0.8000 ± 0.0000 |" in md
+    assert "| ref | - | 0.05 | - | - | - | 2 | 0.6000 ± 0.0000 |" in md
+    assert "| fixed | - | - | - | - | - | 0 | - | 0.5000 ± 0.1414 | not tuned |" in md
+    table, text_csv, _ = sweep.tables(sw, results)
+    assert "| ref | 0.01 | 0.0 | 0.99 | - | 2 |" in table and "| fixed | - | - | - | - | 2 |" in table
+    assert text_csv.splitlines()[0].startswith("method,local.lr,local.momentum,local.lr_decay,algorithm.mu,seeds")
+
+
+@pytest.mark.parametrize("method, needle", [
+    ('"tune.candidates" = {"local.lr" = 0.01}', "must be a list of non-empty tables"),
+    ('"tune.candidates" = [{}]', "must be a list of non-empty tables"),
+    ('"tune.candidates" = [{"local.lr" = 0.05}]', "repeats the tuning value local.lr=0.05"),
+    ('"tune.candidates" = [{"local.lr" = 0.2}, {"local.lr" = 0.2}]', "repeats the tuning value local.lr=0.2"),
+    ('"tune.candidates" = [{"local.epochs" = 2}]', "a [grid] axis"),
+    ('"tune.candidates" = [{"local.lrr" = 0.2}]', "unknown config key 'local.lrr'"),
+    ('"tune.candidates" = [{"lr" = 0.2}]', "is not a config key"),
+    ('"tune.grid" = "no"', "tune.grid must be true"),
+    ('"tune.metric" = "val_nll"', "unknown key(s) tune.metric"),
+])
+def test_method_tuning_errors_name_the_problem(tmp_path: Path, method: str, needle: str) -> None:
+    text = TINY + '"data.val_size" = 100\n[grid]\n"local.epochs" = [1]\n[methods.m]\n"algorithm.name" = "fedavg"\n'
+    p = write(tmp_path, text + method + '\n[tune.grid]\n"local.lr" = [0.05]\n')
+    with pytest.raises(KdflError) as e:
+        sweep.load(p)
+    assert needle in str(e.value)
+    assert "methods.m" in str(e.value) or "run m" in str(e.value)
+
+
 def test_target_columns_by_hand() -> None:
     run = sweep.Run("m", (), (), 0, (), Path("."))
     recs = [{"round": 1, "uplink_bytes": 2_000_000, "accuracy": 0.2},

@@ -28,11 +28,24 @@ A sweep file (TOML)::
     [tune.grid]
     "local.lr" = [0.01, 0.03, 0.1]
 
+    [methods.fedgen]                          # a method's own tuning values, beside the grid's
+    "algorithm.name" = "fedgen"
+    "tune.candidates" = [{"local.lr" = 0.01, "local.momentum" = 0.0, "local.lr_decay" = 0.99}]
+
 Keys are config keys (``section.key``, as ``--set`` takes them); nested tables
 (``[grid.local] epochs = [1, 5]``) mean the same as dotted keys. A method's own keys win
 over ``[set]``, and grid and tuning values over both. The metric a tuning grid is
 selected on must not be the test set's: it is ``val_accuracy`` (the server's labelled
 validation slice, ``data.val_size`` > 0) unless the file says otherwise.
+
+A method's ``tune.candidates`` (a list of tables of config keys) are tuning values of that
+method only, selected with the grid's values on the same metric: a reference optimizer
+(learning rate, momentum, decay together) as one candidate, or values tied to each other
+(a weight scaled with the learning rate). ``"tune.grid" = false`` leaves the grid's values
+out for that method, so its candidates are all it runs; a method whose only tuning value
+is the empty one (``"tune.grid" = false`` and no candidates) is not tuned, and is kept
+whenever every seed finished (also without the metric: FD has no server model to
+validate).
 
 Each run is an ordinary run directory under ``OUT/runs/<method>/<cell>/<tuning>/seed<k>``
 (config, metrics, summary, checkpoints, ``run.log``). A finished run (its summary
@@ -163,14 +176,35 @@ class Sweep:
     tune_metric: str = "val_accuracy"
     tune_mode: str = "max"
     extra: tuple[str, ...] = ()  # --set of the command line, over every value of the file
+    # per method: its own tuning values (``tune.candidates``) and whether the grid's apply too
+    candidates: dict[str, list[Assignment]] = field(default_factory=dict)
+    use_grid: dict[str, bool] = field(default_factory=dict)
 
     def cells(self) -> list[Assignment]:
         keys = list(self.grid)
         return [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*self.grid.values())]
 
-    def tunings(self) -> list[Assignment]:
+    def tunings(self, method: str | None = None) -> list[Assignment]:
+        """The tuning values of ``method``: the grid's product (unless its ``"tune.grid" =
+        false``) then its own candidates; without ``method``, the grid's product."""
         keys = list(self.tune_grid)
-        return [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*self.tune_grid.values())]
+        grid = [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*self.tune_grid.values())]
+        if method is None:
+            return grid
+        own = self.candidates.get(method, [])
+        out = [*(grid if self.use_grid.get(method, True) else []), *own]
+        return out or [()]
+
+    def tune_keys(self) -> list[str]:
+        """Every key some tuning value sets: the grid's, then the candidates' (file order)."""
+        keys = list(self.tune_grid)
+        for cands in self.candidates.values():
+            keys += [k for c in cands for k, _ in c if k not in keys]
+        return list(dict.fromkeys(keys))
+
+    def tuned(self, method: str) -> bool:
+        """Whether ``method`` has more than one tuning value to select from."""
+        return len(self.tunings(method)) > 1
 
     def overrides(self, method: str, cell: Assignment, tuning: Assignment, seed: int | None) -> list[str]:
         values = {**self.fixed, **self.methods[method], **dict(cell), **dict(tuning)}
@@ -185,7 +219,7 @@ class Sweep:
         out = []  # cell by cell, so a sweep stopped half-way has whole cells to compare
         for cell in self.cells():
             for method in self.methods:
-                for tuning in self.tunings():
+                for tuning in self.tunings(method):
                     for seed in self.seeds:
                         d = self.out / "runs" / method / _slug(cell) / _slug(tuning) / f"seed{seed}"
                         out.append(Run(method, cell, tuning, seed,
@@ -240,13 +274,15 @@ def load(path: str | Path, extra: Sequence[str] = (), out: str | Path | None = N
     fixed = _flatten(raw.get("set", {}), "set", False)
     grid = _flatten(raw.get("grid", {}), "grid", True)
     methods_raw = raw.get("methods") or {"base": {}}
-    methods = {}
+    methods: dict[str, dict[str, Any]] = {}
+    own_tunings: dict[str, tuple[list[Assignment], bool]] = {}
     for name, table in methods_raw.items():
         if not isinstance(table, dict):
             raise KdflError(f"sweep [methods.{name}] must be a table of config keys, got {table!r}")
         if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
             raise KdflError(f"sweep method name {name!r}: use letters, digits and . _ + - only")
         methods[name] = _flatten(table, f"methods.{name}", False)
+        own_tunings[name] = _method_tunings(name, methods[name], grid)
     tune = raw.get("tune", {})
     unknown = sorted(set(tune) - TUNE_KEYS)
     if unknown:
@@ -270,20 +306,68 @@ def load(path: str | Path, extra: Sequence[str] = (), out: str | Path | None = N
     else:
         out_dir = Path("runs") / p.stem
     sw = Sweep(p, base, [int(s) for s in seeds], out_dir, target, tb, fixed, grid, methods, tune_grid, metric, mode,
-               tuple(extra))
+               tuple(extra), {m: c for m, (c, _) in own_tunings.items() if c},
+               {m: g for m, (_, g) in own_tunings.items() if not g})
+    for method in sw.methods:
+        grid_values = {frozenset(t) for t in sw.tunings()} if sw.use_grid.get(method, True) else set()
+        seen: set[frozenset[tuple[str, Any]]] = set()
+        for cand in sw.candidates.get(method, []):
+            key = frozenset(cand)
+            if key in grid_values or key in seen:
+                raise KdflError(f"sweep [methods.{method}] tune.candidates repeats the tuning value {label(cand)} "
+                                "(already a [tune.grid] value or another candidate): drop one")
+            seen.add(key)
     # every run's config, checked now (a typo in one method must not surface after an hour)
     for method in sw.methods:
         for cell in sw.cells():
-            for tuning in sw.tunings():
+            for tuning in sw.tunings(method):
                 try:
                     cfg = config.load(base, sw.overrides(method, cell, tuning, None))
                 except KdflError as e:
                     where = " | ".join(x for x in (method, label(cell), label(tuning)) if x != "-")
                     raise KdflError(f"sweep {p}, run {where}: {e}") from None
-                if tune_grid and metric.startswith("val_") and not cfg["data"]["val_size"]:
+                if sw.tuned(method) and metric.startswith("val_") and not cfg["data"]["val_size"]:
                     raise KdflError(f"sweep {p}: tune.metric = {metric!r} needs a server validation slice: "
                                     "set \"data.val_size\" (e.g. 1000) in [set]")
+    dirs: dict[Path, str] = {}
+    for run in sw.runs():  # long tuning values are cut in directory names: never two runs in one
+        if run.out in dirs:
+            raise KdflError(f"sweep {p}: runs '{dirs[run.out]}' and '{run.name}' would share the directory "
+                            f"{run.out} (its name is cut at 120 characters): shorten a method name or a value")
+        dirs[run.out] = run.name
     return sw
+
+
+def _method_tunings(name: str, keys: dict[str, Any], grid: dict[str, list[Any]]) -> tuple[list[Assignment], bool]:
+    """Pop a method's ``tune.candidates`` and ``tune.grid`` from its flattened keys:
+    (its candidates as assignments, whether the sweep's [tune.grid] applies to it)."""
+    where = f"sweep [methods.{name}]"
+    cands_raw = keys.pop("tune.candidates", [])
+    use_grid = keys.pop("tune.grid", True)
+    nested = {k.split(".")[1] for k in keys if k.startswith(("tune.candidates.", "tune.grid."))}
+    if "candidates" in nested:  # a table, not a list of tables
+        cands_raw = "a table"
+    if "grid" in nested:
+        use_grid = "a table"
+    unknown = sorted(k for k in keys if k.split(".")[0] == "tune" and k.split(".")[1] not in nested)
+    if unknown:
+        raise KdflError(f"{where}: unknown key(s) {', '.join(unknown)}; a method's tuning keys are "
+                        "tune.candidates (a list of tables of config keys) and tune.grid (true or false)")
+    if not isinstance(use_grid, bool):
+        raise KdflError(f"{where} tune.grid must be true (the [tune.grid] values too) or false (only this method's "
+                        f"tune.candidates), got {use_grid!r}")
+    if not isinstance(cands_raw, list) or not all(isinstance(c, dict) and c for c in cands_raw):
+        raise KdflError(f"{where} tune.candidates must be a list of non-empty tables of config keys, e.g. "
+                        f"[{{\"local.lr\" = 0.01, \"local.momentum\" = 0.0}}], got {cands_raw!r}")
+    cands = []
+    for c in cands_raw:
+        flat = _flatten(c, f"methods.{name}.tune.candidates", False)
+        clash = sorted(set(flat) & set(grid))
+        if clash:
+            raise KdflError(f"{where} tune.candidates set {', '.join(clash)}, a [grid] axis: a value is either a "
+                            "cell or a tuning value, not both")
+        cands.append(tuple(flat.items()))
+    return cands, use_grid
 
 
 # -- running -------------------------------------------------------------------------------------------
@@ -570,35 +654,48 @@ def _pm(xs: Sequence[float | None], fmt: str = ".4f", scale: float = 1.0) -> str
     return f"{m / scale:{fmt}} ± {s / scale:{fmt}}"
 
 
+def _tuning_cells(sw: Sweep, tuning: Assignment) -> list[str]:
+    """One table cell per tuning key: the value this tuning sets, "-" for the method's own."""
+    given = dict(tuning)
+    return [str(given[k]) if k in given else "-" for k in sw.tune_keys()]
+
+
 def select(sw: Sweep, results: list[RunResult]) -> tuple[dict[tuple[str, Assignment], Assignment], str]:
     """The tuning values kept per (method, cell): the best mean over seeds of the final
-    ``tune.metric``; and the tuning table (Markdown)."""
+    ``tune.metric``; a method with one tuning value keeps it once every seed finished
+    (nothing to select, no metric needed); and the tuning table (Markdown)."""
     chosen: dict[tuple[str, Assignment], Assignment] = {}
-    if not sw.tune_grid:
+    keys = sw.tune_keys()
+    if not keys:
         return {(m, c): () for m in sw.methods for c in sw.cells()}, ""
     lines = [f"Selected on the final `{sw.tune_metric}` ({sw.tune_mode}imum of the mean over seeds); "
-             "the test set is not used.", "",
-             f"| method | cell | {' | '.join(sw.tune_grid)} | seeds | {sw.tune_metric} | test accuracy | kept |",
-             "|" + "---|" * (len(sw.tune_grid) + 6)]
+             "the test set is not used. \"-\": the method's own value (a tuning value that does not set that key); "
+             "a method with one tuning value is not tuned.", "",
+             f"| method | cell | {' | '.join(keys)} | seeds | {sw.tune_metric} | test accuracy | kept |",
+             "|" + "---|" * (len(keys) + 6)]
     for method in sw.methods:
+        single = not sw.tuned(method)
         for cell in sw.cells():
             best, best_val = None, None
             rows = []
-            for tuning in sw.tunings():
+            for tuning in sw.tunings(method):
                 rs = [r for r in results if r.run.method == method and r.run.cell == cell and r.run.tuning == tuning]
                 vals = [r.metric(sw.tune_metric) for r in rs]
                 m, _, n = _stats(vals)
                 rows.append((tuning, rs, vals, m, n))
+                if single:
+                    if len({r.run.seed for r in rs}) == len(sw.seeds):
+                        best = tuning
                 # a value counts only when every seed finished with the metric (no lucky subset)
-                if m is not None and n == len(sw.seeds) and (
+                elif m is not None and n == len(sw.seeds) and (
                         best_val is None or (m > best_val if sw.tune_mode == "max" else m < best_val)):
                     best, best_val = tuning, m
             if best is not None:
                 chosen[(method, cell)] = best
             for tuning, rs, vals, _m, n in rows:
-                lines.append(f"| {method} | {label(cell)} | {' | '.join(str(v) for _, v in tuning)} | {n} | "
+                lines.append(f"| {method} | {label(cell)} | {' | '.join(_tuning_cells(sw, tuning))} | {n} | "
                              f"{_pm(vals)} | {_pm([r.summary.get('final_accuracy') for r in rs])} | "
-                             f"{'**yes**' if tuning == best else ''} |")
+                             f"{('not tuned' if single else '**yes**') if tuning == best else ''} |")
     return chosen, "\n".join(lines) + "\n"
 
 
@@ -623,7 +720,7 @@ def tables(sw: Sweep, results: list[RunResult]) -> tuple[str, str, str]:
     """(results Markdown, results CSV, tuning Markdown)."""
     chosen, tuning_md = select(sw, results)
     target = next((r.target for r in results if r.target is not None), None)
-    head = ["method", *sw.grid, *sw.tune_grid, "seeds"]
+    head = ["method", *sw.grid, *sw.tune_keys(), "seeds"]
     md = [f"Mean ± std over seeds; rounds and MB to target over the seeds that reached it "
           f"(target accuracy {target if target is not None else 'not set'}).", "",
           "| " + " | ".join([*head, *(c[1] for c in COLUMNS)]) + " |", "|" + "---|" * (len(head) + len(COLUMNS))]
@@ -634,7 +731,7 @@ def tables(sw: Sweep, results: list[RunResult]) -> tuple[str, str, str]:
     for method in sw.methods:
         for cell in sw.cells():
             if (method, cell) not in chosen:
-                md.append("| " + " | ".join([method, *(str(v) for _, v in cell), *("?" for _ in sw.tune_grid), "0"])
+                md.append("| " + " | ".join([method, *(str(v) for _, v in cell), *("?" for _ in sw.tune_keys()), "0"])
                           + " | no tuning value finished on every seed |" + " |" * (len(COLUMNS) - 1))
                 continue
             tuning = chosen[(method, cell)]
@@ -644,7 +741,7 @@ def tables(sw: Sweep, results: list[RunResult]) -> tuple[str, str, str]:
                           + " |" * (len(COLUMNS) - 1))
                 continue
             reached = sum(r.to_target()[0] is not None for r in rs)
-            cells = [method, *(str(v) for _, v in cell), *(str(v) for _, v in tuning), str(len(rs))]
+            cells = [method, *(str(v) for _, v in cell), *_tuning_cells(sw, tuning), str(len(rs))]
             row = []
             for name, _, fn, fmt, scale in COLUMNS:
                 text = _pm([fn(r) for r in rs], fmt, scale)
