@@ -291,7 +291,9 @@ def _check_paths(cfg: Config) -> None:
         if cfg[section]["name"] != owner:
             continue
         path = cfg[section].get("path", "")
-        if not isinstance(path, str) or not path:
+        if not isinstance(path, str):
+            raise KdflError(f"config key '{section}.path' must be a string (a path), got {path!r}: {what}")
+        if not path:
             raise KdflError(f"config key '{section}.path' is required with {section}.name = {owner!r}: {what}")
         p = Path(path).expanduser()
         if not p.exists():

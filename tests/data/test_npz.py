@@ -160,5 +160,7 @@ def test_config_names_the_key(tmp_path):
         config.load(None, ["data.name=npz"])
     with pytest.raises(KdflError, match=r"config key 'data.path': .*gone.npz' does not exist"):
         config.load(None, ["data.name=npz", f"data.path={tmp_path / 'gone.npz'}"])
+    with pytest.raises(KdflError, match=r"config key 'data.path' must be a string \(a path\), got 3"):
+        config.load(None, ["data.name=npz", "data.path=3"])
     with pytest.raises(KdflError, match=r"unknown config key 'data.path' for data set 'digits'.*option of npz"):
         config.load(None, ["data.path=x.npz"])
