@@ -13,7 +13,7 @@ COMMON = [
 
 for name, extra in {
     "FedAvg": ["algorithm.name=fedavg"],
-    "FedEMA-Distill (median, int8 logits)": ["algorithm.name=fedema_distill", "compression.uplink=int8"],
+    "FedEMA-Distill (trimmed mean, int8 logits)": ["algorithm.name=fedema_distill", "compression.uplink=int8"],
 }.items():
     cfg = config.load(None, COMMON + extra)  # the same validation as `kdfl run`
     summary = experiment.run(cfg).summary
