@@ -290,7 +290,8 @@ def test_auto_equals_sequential(pool_task):
     ref = Sequential().run(alg, task, jobs)
     auto = make_executor("auto")
     assert_close(ref, auto.local.run(alg, task, jobs))  # in-process choice: batched
-    assert auto.local._prefers == {("mlp:hidden=16", "cpu"): True, ("cnn:width=4,hidden=8", "cpu"): True}
+    assert auto.local._prefers == {("mlp:hidden=16", "cpu", (1, 8, 8)): True,
+                                   ("cnn:width=4,hidden=8", "cpu", (1, 8, 8)): True}
     cnn28 = models.build("cnn", (1, 28, 28), 10)
     assert not prefers_vectorized(cnn28, "cpu", (1, 28, 28)) and prefers_vectorized(cnn28, "cuda", (1, 28, 28))
     auto.parallel = pool_task[2]  # reuse the module's pool instead of starting another one

@@ -98,11 +98,11 @@ class Batched(Vectorized):
 
     def __init__(self, max_memory_mb: float = 1024, max_chunk: int = 512, min_group: int = 2) -> None:
         super().__init__(max_memory_mb=max_memory_mb, max_chunk=max_chunk, min_group=min_group)
-        self._prefers: dict[tuple[str, str], bool] = {}  # (architecture, device type) -> the rule's answer
+        self._prefers: dict[tuple[str, str, tuple[int, ...]], bool] = {}  # (arch, device type, input shape) -> rule
 
     def prefers(self, task: Task, arch: str) -> bool:
-        """The rule for one architecture on the task's device (cached per run)."""
-        key = (arch, task.device.type)
+        """The rule for one architecture on the task's device and input shape (cached)."""
+        key = (arch, task.device.type, tuple(task.input_shape))
         if key not in self._prefers:
             try:
                 self._prefers[key] = prefers_vectorized(task.new_model(arch), task.device.type,
