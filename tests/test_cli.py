@@ -390,3 +390,11 @@ def test_version_and_help_do_not_import_torch():
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("kdfl ") and "usage: kdfl run" in p.stdout
     assert p.stdout.strip().splitlines()[-1] == "heavy: []"
+
+
+def test_run_without_a_config_uses_the_defaults(capsys):
+    # no config file and no run.rounds: the engine's default number of rounds, not a KeyError
+    from kdfl.simulation.rounds import RunSettings
+
+    assert kdfl("run", "--quiet", "--set", "run.threads=1") == 0
+    assert f"after {RunSettings.rounds} rounds" in capsys.readouterr().out

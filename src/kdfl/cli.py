@@ -40,7 +40,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             sent["up"] = sum(r.get("uplink_bytes", 0) for r in ck.get("records", [])) / 1e6
         elif args.resume:
             print(f"kdfl: {out} has no checkpoint yet: starting the run from round 0 in place", file=sys.stderr)
-    rounds = cfg["run"]["rounds"]
+    from kdfl.simulation.rounds import RunSettings
+
+    rounds = cfg["run"].get("rounds", RunSettings.rounds)  # a config may leave it to the default
     bar = tqdm(total=rounds, initial=start, desc="rounds", unit="round", disable=args.quiet, file=sys.stderr,
                dynamic_ncols=True)
 

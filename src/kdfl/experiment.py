@@ -119,10 +119,13 @@ def _check_resume(run_dir: Path, cfg: Config) -> None:
             "--set values, or choose a new --out"
         )
     if (run_dir / checkpoint.FILE).exists():
+        from kdfl.simulation.rounds import RunSettings
+
         done = checkpoint.load(run_dir)["round"]
-        if cfg["run"]["rounds"] < done:
+        rounds = cfg["run"].get("rounds", RunSettings.rounds)
+        if rounds < done:
             raise KdflError(
-                f"cannot resume {run_dir} with run.rounds={cfg['run']['rounds']}: its checkpoint is already "
+                f"cannot resume {run_dir} with run.rounds={rounds}: its checkpoint is already "
                 f"at round {done}; set run.rounds >= {done}"
             )
 
