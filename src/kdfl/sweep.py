@@ -580,8 +580,10 @@ def run_sweep(sw: Sweep, workers: int = 1, threads: int = 1, say: Callable[[str]
     todo = sum(not finished(r.out) for r in runs)
     sw.out.mkdir(parents=True, exist_ok=True)
     (sw.out / "sweep.toml").write_text(sw.path.read_text())  # what produced this directory
+    n_tunings = sorted({len(sw.tunings(m)) for m in sw.methods})
+    tunings = str(n_tunings[0]) if len(n_tunings) == 1 else f"{n_tunings[0]}-{n_tunings[-1]} per method"
     say(f"sweep {sw.path}: {len(runs)} runs (methods {len(sw.methods)} x cells {len(sw.cells())} x "
-        f"tuning values {len(sw.tunings())} x seeds {len(sw.seeds)}), {len(runs) - todo} already finished, "
+        f"tuning values {tunings} x seeds {len(sw.seeds)}), {len(runs) - todo} already finished, "
         f"{todo} to run with {workers} worker(s); out {sw.out}")
     counts = run_jobs([Job(r.name, sw.base, r.overrides, r.out) for r in runs], workers, threads, sw.tensorboard,
                       say)
