@@ -47,9 +47,11 @@ ALGORITHMS: dict[str, list[str]] = {
 }
 
 
-def overrides(alg: str, clients: int, per_round: int, rounds: int, keep: int, samples_per_client: int) -> list[str]:
+def overrides(alg: str, clients: int, per_round: int, rounds: int, keep: int, samples_per_client: int,
+              test_size: int = 0) -> list[str]:
     return [
         "data.name=mnist1d", f"data.num_samples={samples_per_client * clients * 5 // 4 + 1000}",
+        f"data.test_size={test_size}",
         f"data.num_clients={clients}", "data.client_holdout=0.2", "partition.name=iid",
         "local.epochs=1", "local.batch_size=16", "local.lr=0.05", "local.momentum=0.9",
         f"run.rounds={rounds}", f"run.clients_per_round={per_round}", "run.checkpoint_every=0", "run.threads=1",
@@ -98,6 +100,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--keep", type=int, default=0, help="states kept in memory in the bounded runs (0: --per-round)")
     ap.add_argument("--samples-per-client", type=int, default=8, help="mnist1d training samples per client")
+    ap.add_argument("--test-size", type=int, default=0,
+                    help="global test samples every client's model is evaluated on (0: all, a fifth of the data)")
     ap.add_argument("--max-rss-gib", type=float, default=8.0)
     ap.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -109,7 +113,8 @@ def main() -> None:
     keep = a.keep or a.per_round
     print(f"# {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start; mnist1d IID, "
           f"{a.samples_per_client} training samples per client, {a.per_round} clients per round, {a.rounds} rounds, "
-          f"1 local epoch; bounded runs keep {keep} states in memory", flush=True)
+          f"1 local epoch; bounded runs keep {keep} states in memory; test set: "
+          f"{a.test_size or 'all'}", flush=True)
     print("| algorithm | clients | client states in memory | peak RSS (MB) | s / round (median) | round 1 (s) | "
           "final per-client eval (s) | state files (MB) | client test acc (mean) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -119,10 +124,10 @@ def main() -> None:
         if a.compare:
             for k in (0, keep):
                 rows.append((a.compare, k, run_child(overrides(alg, a.compare, a.per_round, a.rounds, k,
-                                                               a.samples_per_client))))
+                                                               a.samples_per_client, a.test_size))))
         if a.clients:
             rows.append((a.clients, keep, run_child(overrides(alg, a.clients, a.per_round, a.rounds, keep,
-                                                              a.samples_per_client))))
+                                                              a.samples_per_client, a.test_size))))
         out: dict = {}
         for n, k, r in rows:
             label = "all" if k == 0 else f"{k} (rest in files)"
