@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kdfl import sweep
+from kdfl import config, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("claims", ROOT / "benchmarks" / "protocol" / "claims.py")
@@ -177,3 +177,20 @@ def test_kd_misses_verdicts_on_each_papers_model_with_ablations_beside_their_bas
     # methods the sweep does not have (FedDF, FedGen, ...) get no row; a missing FedAvg says so
     assert "feddf" not in rows
     assert "Not measured: fedavg did not finish" in claims.claim_kd_misses(sw, res[4:])
+
+
+SWEEP_FILES = sorted([*(Path(__file__).parents[1] / "benchmarks" / "protocol").glob("*.toml"),
+                      *(Path(__file__).parents[1] / "benchmarks").glob("*.toml")])
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_every_shipped_sweep_file_loads(path):
+    # valid TOML whose every run's config validates (a duplicated key once broke one silently)
+    import tomllib
+
+    raw = tomllib.loads(path.read_text())
+    if "methods" not in raw and "seeds" not in raw:  # a base config, not a sweep
+        config.load(path)
+        return
+    sw = sweep.load(path)
+    assert sw.runs()
