@@ -1,7 +1,7 @@
 """Parity runs: kdfl against PFLlib (TsingZ0/PFLlib) on the same inputs, side by side.
 
     python benchmarks/parity/run.py --reference-dir DIR \\
-        --algorithms fedavg,fedprox,fedproto,fedgen,fedkd,fml
+        --algorithms fedavg,fedprox,fedproto,fedgen,fedkd,fml,fedntd,fd,fedgen-as-pfllib
 
 ``DIR`` is a local PFLlib checkout (never vendored here; its commit is read with ``git
 rev-parse HEAD``, or given with ``--reference-commit`` for an exported tree). For every
@@ -60,11 +60,12 @@ KDFL_DIR = "kdfl"  # where a kdfl run goes under <seed>/<algorithm>/ ("kdfl-glob
 
 
 def use_global_personal_init() -> None:
-    """Diagnostic (``--personal-init global``): kdfl's FedProto and FML clients start their
+    """Diagnostic (``--personal-init global``): kdfl's FedProto, FML and FD clients start their
     personal models from the initial *global* weights, as every PFLlib client does (each
     copies the one ``args.model``, ``clients/clientbase.py:19``), instead of kdfl's own
     per-client draw (``kdfl.algorithms.program.fresh_weights``). Done by replacing the name
     ``fresh_weights`` in those two modules inside this process only; kdfl is not changed."""
+    import kdfl.algorithms.fd as fd
     import kdfl.algorithms.fedproto as fedproto
     import kdfl.algorithms.fml as fml
     from kdfl.algorithms.kit.weights import init_params
@@ -73,6 +74,7 @@ def use_global_personal_init() -> None:
         return init_params(task, arch)
 
     fedproto.fresh_weights = global_init  # type: ignore[assignment]
+    fd.fresh_weights = global_init  # type: ignore[assignment]
     fml.fresh_weights = global_init  # type: ignore[assignment]
 
 
@@ -88,6 +90,7 @@ class Spec:
     metric: str = "accuracy"
     evaluated: str = "the global model on every client's test split"
     shared: str = ""  # kdfl's per-client metric of the shared model, compared with the model PFLlib saves
+    same_reference_as: str = ""  # a kdfl variant compared with another entry's PFLlib run (reused, not rerun)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -127,6 +130,44 @@ SPECS: dict[str, Spec] = {
             "only (no diversity loss), Adam, on batches of the local batch size. The FedGen paper and its "
             "authors' code (zhuangdizhu/FedGen), which kdfl follows, have alpha*KL + beta*CE with decay and a "
             "diversity term: this is PFLlib deviating from the paper, not kdfl.",
+        )),
+    "fedntd": Spec(
+        "FedNTD", ("-bt", "1.0", "-tau", "3.0"),
+        ('algorithm.name="fedntd"', "algorithm.beta=1.0", "algorithm.temperature=3.0"),
+        notes=COMMON_NOTES + (
+            f"{P}clients/clientntd.py:18,63-75`: `_ntd_loss` is tau^2 * `nn.KLDivLoss(reduction=\"batchmean\")` between the "
+            "not-true softmaxes at temperature tau, the global model's side without gradient; kdfl's default "
+            "`t2 = True` (commit d4d2901) matches. tau = 3 here, where the tau^2 factor matters (9x).",
+        )),
+    "fd": Spec(
+        "FD", ("-lam", "1.0"), ('algorithm.name="fd"', "algorithm.gamma=1.0"),
+        evaluated="each client's own model on its own test split",
+        notes=COMMON_NOTES + (
+            f"{P}clients/clientfd.py:50`: at PFLlib d832e76 (\"Update clientfd.py\", 2025-11-29) the distillation "
+            "term is `nn.CrossEntropyLoss()(output, logit_new)` with the teacher's *raw* per-label logits as the "
+            "soft target (not a distribution: rows need not sum to 1 and may be negative); its parent commit "
+            "used `logit_new.softmax(dim=1)`, which is kdfl's CE(softmax(F_y), f(x)) at T = 1. kdfl's FD "
+            "docstring says PFLlib uses CE + lambda*MSE, which neither commit does.",
+            f"{P}clients/clientfd.py:52-54`: per-label logits are the means of the training forward passes "
+            "(all local epochs), as kdfl's.",
+            "Personal models' initial weights: PFLlib's copy `args.model`; kdfl's are a fresh per-client "
+            "draw; `--personal-init global` runs kdfl with PFLlib's.",
+        )),
+    "fedgen-as-pfllib": Spec(
+        "FedGen", ("-nd", "32", "-hd", "256", "-se", "50", "-glr", "0.0003"),
+        ('algorithm.name="fedgen"', "algorithm.alpha=1.0", "algorithm.beta=0.0", "algorithm.decay=1.0",
+         "algorithm.diversity=0.0", "algorithm.gen_lr_decay=1.0", "algorithm.gen_weight_decay=0.0",
+         "algorithm.gen_batch_size={batch_size}", "algorithm.gen_steps=50"),
+        same_reference_as="fedgen",
+        notes=COMMON_NOTES + (
+            "kdfl's FedGen set to PFLlib's variant (a diagnostic of the FedGen row): client loss CE + 1 * CE on "
+            "generated latents (alpha 1, beta 0: no KL term, no decay), generator trained without the diversity "
+            "term, Adam without weight decay or lr decay, batches of the local batch size, 50 steps.",
+            "Left different: PFLlib draws a batch of generated labels per step from all clients' labels with "
+            f"multiplicity ({P}clients/clientgen.py:57`) and runs the generator in train mode (BatchNorm batch "
+            f"statistics; it is left in train mode after {P}servers/servergen.py:144`); kdfl draws one "
+            "generated pair per private sample before training, labels uniform over the qualified ones, "
+            "generator in eval mode (`src/kdfl/algorithms/fedgen.py`, docstring).",
         )),
     "fedkd": Spec(
         "FedKD", ("-mlr", "{lr}", "-Ts", "0.95", "-Te", "0.98"),
@@ -198,6 +239,12 @@ def prepare(seed: int, s: dict[str, Any], work: Path) -> tuple[Path, list[int]]:
     from parity_models import KDFL_TO_PFLLIB
 
     init = init_params(fed.task)
+
+    def write_model_spec() -> None:
+        in_dim = int(torch.tensor(fed.task.input_shape).prod())
+        spec_path.write_text(json.dumps({"in_dim": in_dim, "hidden": s["hidden"], "num_classes": fed.task.num_classes,
+                                         "init": str((root / "init.pt").resolve())}))
+
     if spec_path.is_file() and sizes_path.is_file():
         # an export made earlier (maybe by another kdfl version): reuse it only if this kdfl
         # builds the same split and initial weights, else the cached PFLlib runs are of other inputs
@@ -210,13 +257,12 @@ def prepare(seed: int, s: dict[str, Any], work: Path) -> tuple[Path, list[int]]:
         if not same:
             raise SystemExit(f"{root} holds an export that differs from what this kdfl builds for seed {seed}: "
                              "delete it (its PFLlib runs were on other inputs) and run again")
+        write_model_spec()  # the directory may have moved since
         return root, json.loads(sizes_path.read_text())
     pfllib.export(train.x.numpy(), train.y.numpy(), fed.partitions, fed.holdouts, root / "dataset" / DATASET,
                   fed.task.num_classes)
     torch.save({KDFL_TO_PFLLIB[k]: v.clone() for k, v in init.items()}, root / "init.pt")
-    in_dim = int(torch.tensor(fed.task.input_shape).prod())
-    spec_path.write_text(json.dumps({"in_dim": in_dim, "hidden": s["hidden"], "num_classes": fed.task.num_classes,
-                                     "init": str((root / "init.pt").resolve())}))
+    write_model_spec()
     sizes = [len(h) for h in fed.holdouts]
     # round 0 of PFLlib's record evaluates these weights on these splits: the same number
     # on kdfl's side checks that data, split, model, weights and metric all agree
@@ -232,6 +278,8 @@ def prepare(seed: int, s: dict[str, Any], work: Path) -> tuple[Path, list[int]]:
 
 def run_reference(name: str, spec: Spec, seed: int, s: dict[str, Any], root: Path, ref: Path) -> list[float]:
     """PFLlib's per-round accuracy (r = 0..R) for one algorithm and seed."""
+    if spec.same_reference_as:
+        return run_reference(spec.same_reference_as, SPECS[spec.same_reference_as], seed, s, root, ref)
     out = root / name
     done = out / "curve.json"
     if done.is_file():
@@ -249,8 +297,14 @@ def run_reference(name: str, spec: Spec, seed: int, s: dict[str, Any], root: Pat
                           capture_output=True, text=True)
     (out / "stdout.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"PFLlib {spec.pfllib} seed {seed} failed (rc {proc.returncode}); see {out / 'stdout.txt'}:\n"
-                           + proc.stderr[-2000:])
+        # a run that fails part-way (e.g. diverges to NaN) keeps the rounds it logged; the
+        # report says where and why it stopped
+        curve = pfllib.parse_stdout(proc.stdout)
+        last = (proc.stderr.strip().splitlines() or ["(no error message)"])[-1]
+        (out / "failed.txt").write_text(f"rc {proc.returncode} after {len(curve)} evaluations: {last}\n")
+        done.write_text(json.dumps(curve))
+        print(f"  PFLlib {spec.pfllib} seed {seed} FAILED after {len(curve)} evaluations: {last}", file=sys.stderr)
+        return curve
     curve = pfllib.read_curve(out / "results", DATASET, spec.pfllib, "parity")
     logged = pfllib.parse_stdout(proc.stdout)
     if [round(a, 4) for a in curve] != logged:
@@ -358,6 +412,13 @@ def shared_accuracy(name: str, spec: Spec, seed: int, s: dict[str, Any], root: P
     return ref, ours
 
 
+def reference_failure(root: Path, name: str) -> str | None:
+    """Why the cached PFLlib run of ``name`` stopped early, or None when it finished."""
+    spec = SPECS[name]
+    path = root / (spec.same_reference_as or name) / "failed.txt"
+    return path.read_text().strip() if path.is_file() else None
+
+
 def verdict(ref: list[float], ours: list[float]) -> tuple[bool, str]:
     mr, mk = statistics.mean(ref), statistics.mean(ours)
     spread = max(max(ref) - min(ref), max(ours) - min(ours))
@@ -373,7 +434,7 @@ def verdict(ref: list[float], ours: list[float]) -> tuple[bool, str]:
 
 def report(results: dict[str, dict[int, tuple[list[float], list[float]]]], s: dict[str, Any], commit: str,
            seeds: list[int], command: str, init0: dict[int, float],
-           shared: dict[str, dict[int, tuple[float, float]]]) -> str:
+           shared: dict[str, dict[int, tuple[float, float]]], failures: dict[str, list[str]]) -> str:
     lines = [
         "# Parity: kdfl against PFLlib",
         "",
@@ -389,7 +450,7 @@ def report(results: dict[str, dict[int, tuple[list[float], list[float]]]], s: di
         f"train/test split; MLP 40-{s['hidden']}-10 from the same initial weights; plain SGD lr {s['lr']}, "
         f"batch {s['batch_size']}, {s['epochs']} local epoch(s), all clients every round, {s['rounds']} rounds; "
         f"seeds {', '.join(map(str, seeds))} (each seed: its own partition and initial weights). "
-        + ("kdfl's FedProto and FML personal models start from the global initial weights as PFLlib's do "
+        + ("kdfl's FedProto, FML and FD personal models start from the global initial weights as PFLlib's do "
            "(diagnostic `--personal-init global`). " if KDFL_DIR != "kdfl" else "") + "Accuracy: "
         "correct predictions over all clients' own test splits / their size, each client with the model it holds.",
         "",
@@ -406,6 +467,11 @@ def report(results: dict[str, dict[int, tuple[list[float], list[float]]]], s: di
     for name, per_seed in results.items():
         refs = [per_seed[k][0][-1] for k in seeds]
         ours = [per_seed[k][1][-1] for k in seeds]
+        if name in failures:
+            lines.append(f"| {name} | failed: {'; '.join(failures[name])} | "
+                         f"{statistics.mean(ours):.4f} ({', '.join(f'{a:.4f}' for a in ours)}) | — | — | "
+                         "reference failed |")
+            continue
         ok, _ = verdict(refs, ours)
         spread = max(max(refs) - min(refs), max(ours) - min(ours))
         lines.append(f"| {name} | {statistics.mean(refs):.4f} ({', '.join(f'{a:.4f}' for a in refs)}) | "
@@ -417,9 +483,14 @@ def report(results: dict[str, dict[int, tuple[list[float], list[float]]]], s: di
         spec = SPECS[name]
         refs = [per_seed[k][0][-1] for k in seeds]
         ours = [per_seed[k][1][-1] for k in seeds]
-        ok, text = verdict(refs, ours)
+        if name in failures:
+            ok, text = False, "PFLlib's run did not finish: " + "; ".join(failures[name]).rstrip(".")
+            head_verdict = "reference failed"
+        else:
+            ok, text = verdict(refs, ours)
+            head_verdict = "parity" if ok else "no parity"
         lines += [f"## {name} (PFLlib `{spec.pfllib}`)", "", f"Evaluated: {spec.evaluated}.", "",
-                  f"**{'parity' if ok else 'no parity'}**: {text}.", ""]
+                  f"**{head_verdict}**: {text}.", ""]
         if name in shared:
             sh = shared[name]
             ok_s, text_s = verdict([sh[k][0] for k in seeds], [sh[k][1] for k in seeds])
@@ -456,7 +527,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--personal-init", choices=("kdfl", "global"), default="kdfl",
-                   help="diagnostic: 'global' starts kdfl's FedProto/FML personal models from the global initial "
+                   help="diagnostic: 'global' starts kdfl's FedProto/FML/FD personal models from the global initial "
                         "weights, as PFLlib does (see use_global_personal_init)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "parity")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "parity.md")
@@ -478,10 +549,11 @@ def main() -> None:
         use_global_personal_init()
     s = settings(args)
     tag = "_".join(f"{k}{v}" for k, v in s.items())
-    work = args.work / tag
+    work = args.work / tag / commit[:12]  # the reference commit: runs of two commits never share a cache
     results: dict[str, dict[int, tuple[list[float], list[float]]]] = {}
     init0: dict[int, float] = {}
     shared: dict[str, dict[int, tuple[float, float]]] = {}
+    failures: dict[str, list[str]] = {}
     for name in names:
         results[name] = {}
         for seed in seeds:
@@ -490,11 +562,14 @@ def main() -> None:
             ref_curve = run_reference(name, SPECS[name], seed, s, root, ref)
             ours = run_kdfl(name, SPECS[name], seed, s, root, sizes)
             results[name][seed] = (ref_curve, ours)
+            why = reference_failure(root, name)
+            if why is not None:
+                failures.setdefault(name, []).append(f"seed {seed}: {why}")
             if SPECS[name].shared:
                 shared.setdefault(name, {})[seed] = shared_accuracy(name, SPECS[name], seed, s, root, sizes)
     command = "python benchmarks/parity/run.py " + " ".join(
         a if not a.startswith("/") else "DIR" if Path(a).resolve() == ref else a for a in sys.argv[1:])
-    text = report(results, s, commit, seeds, command, init0, shared)
+    text = report(results, s, commit, seeds, command, init0, shared, failures)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     print(text)
