@@ -206,11 +206,11 @@ class DSFL:
         assert task.proxy is not None
         phases: list[Phase] = []
         if "soft_labels" in downlink:
-            open_data = Data(task.proxy[downlink["distill_rows"].long()],
+            open_data = Data(task.proxy[downlink["distill_rows"].long().cpu()],  # the proxy lives on the host
                              targets={"soft_labels": downlink["soft_labels"].float()})
             phases.append(Phase(SoftLabelKL(), self.client_distill, data=open_data, name="distill"))
         phases.append(Phase(CrossEntropy(), self.local, name="train"))
-        x = task.proxy[downlink["rows"].long()]
+        x = task.proxy[downlink["rows"].long().cpu()]
         upload: Any = Custom(SoftmaxOn(x)) if self.upload == "probs" else Logits(x)
         own = client.kept(MAIN)
         weights = own if own is not None else fresh_weights(task, client.id, client.arch)

@@ -224,7 +224,7 @@ class FedAD:
         assert task.proxy is not None
         kept = client.kept(MAIN)
         weights = kept if kept is not None else fresh_weights(task, client.id, client.arch)
-        x = task.proxy[downlink["public_idx"]]
+        x = task.proxy[downlink["public_idx"].cpu()]  # the proxy lives on the host
         upload: list[Upload] = [Custom(AttentionUpload(x, self.attention_size)) if self.attention else Logits(x)]
         upload.append(Const({"label_counts": torch.bincount(client.data.y, minlength=task.num_classes)}))
         phases = [] if self.one_shot and kept is not None else [self._phase]

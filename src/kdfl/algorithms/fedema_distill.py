@@ -171,7 +171,7 @@ class FedEMADistill:
         if stateful:  # its own model, kept across rounds
             weights = client.kept(MAIN) or fresh_weights(task, client.id, client.arch)
         idx = downlink.get("proxy_idx")
-        upload: list = [Logits(task.proxy if idx is None else task.proxy[idx])]  # (n, C) float32
+        upload: list = [Logits(task.proxy if idx is None else task.proxy[idx.cpu()])]  # (n, C) float32; proxy on the host
         if self.class_weighting:
             upload.append(Const({"label_counts": torch.bincount(client.data.y, minlength=task.num_classes)}))
         return Program(models={MAIN: Model(client.arch, weights)}, phases=[Phase(CrossEntropy(), self.local)],

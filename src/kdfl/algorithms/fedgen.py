@@ -348,7 +348,7 @@ class FedGen:
         g = client.generator(NOISE_STREAM)
         y = client.data.y
         n = len(y)
-        avail = torch.nonzero(labels).flatten()
+        avail = torch.nonzero(labels.cpu()).flatten()  # targets are drawn on the host, beside the data
         if len(avail) == 0:
             raise KdflError("fedgen: the downlink's gen_labels names no label")
         with torch.no_grad():  # the head's inputs (``to_head``): the generator is frozen here

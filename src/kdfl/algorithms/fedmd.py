@@ -215,11 +215,11 @@ class FedMD:
             settings = dataclasses.replace(self.local, epochs=self.transfer_epochs, steps=0)
             phases.append(Phase(CrossEntropy(), settings, data=Data(task.proxy, labels), name="transfer"))
         if "consensus" in downlink:
-            public = Data(task.proxy[downlink["digest_rows"].long()],
+            public = Data(task.proxy[downlink["digest_rows"].long().cpu()],  # the proxy lives on the host
                           targets={"consensus": downlink["consensus"].float()})
             phases.append(Phase(self.digest_objective(), self.digest, data=public, name="digest"))
         phases.append(Phase(CrossEntropy(), self.local, name="revisit"))
-        upload: list[Any] = [Logits(task.proxy[downlink["rows"].long()])]  # (n, C) float32
+        upload: list[Any] = [Logits(task.proxy[downlink["rows"].long().cpu()])]  # (n, C) float32
         if self.class_weighting:
             upload.append(Const({"label_counts": torch.bincount(client.data.y, minlength=task.num_classes)}))
         weights = own if own is not None else fresh_weights(task, client.id, client.arch)

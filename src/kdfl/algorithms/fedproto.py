@@ -223,8 +223,9 @@ class FedProto:
         hits = 0
         with torch.no_grad():
             for s in range(0, len(data), 2048):
-                z = module.features(data.x[s: s + 2048].to(device)).cpu()  # type: ignore[operator]
-                hits += int((nearest_prototype(z, protos, holders) == data.y[s: s + 2048].cpu()).sum())
+                z = module.features(data.x[s: s + 2048].to(device))  # type: ignore[operator]
+                pred = nearest_prototype(z, protos.to(device), holders.to(device))
+                hits += int((pred == data.y[s: s + 2048].to(device)).sum())
         return {"proto_accuracy": hits / len(data)}
 
     # -- server: validate and update --------------------------------------------------
