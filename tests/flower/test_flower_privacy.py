@@ -37,7 +37,8 @@ def test_flower_run_under_dp_equals_simulator(sets, monkeypatch):
 
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what Flower's processes set
         monkeypatch.setattr(TaskIdentity, attr, value)
-    cfg = load_config(CONFIG, ["run.rounds=2", *sets])
+    # the bit-exact reference: the ClientApp trains one client per message, as `sequential` does
+    cfg = load_config(CONFIG, ["run.rounds=2", "run.executor=sequential", *sets])
     ref = single_threaded(lambda: experiment.run(cfg))
     flower = single_threaded(lambda: server_app.run(LocalGrid(make_client_app(), cfg["data"]["num_clients"]), cfg))
     for key, value in ref.state.params.items():  # bit-identical: same seeds and noise, same order, same maths
