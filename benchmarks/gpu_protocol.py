@@ -57,13 +57,14 @@ def main() -> int:
                      f"with {args.workers} workers")
     else:
         methods = [m for m in sw.methods if not args.methods or m in args.methods.split(",")]
-        runs_per_method = len(sw.seeds) * len(sw.tunings()) * len(sw.cells())
+        runs_of = {m: sum(r.method == m for r in sw.runs()) for m in methods}  # a method's own tuning candidates count
         lines += ["| method | executor | s/round (median after round 1) | first round s | accuracy after "
-                  f"{args.rounds} rounds | failed clients | one run (est.) s | its {runs_per_method} runs (est.) s |",
+                  f"{args.rounds} rounds | failed clients | one run (est.) s | its runs (est.) s |",
                   "|---|---|---|---|---|---|---|---|"]
         total = {}
         for method in methods:
-            ov = sw.overrides(method, sw.cells()[0], sw.tunings()[0] if sw.tunings() else (), sw.seeds[0])
+            tunings = sw.tunings(method)
+            ov = sw.overrides(method, sw.cells()[0], tunings[0] if tunings else (), sw.seeds[0])
             for ex in args.executors.split(","):
                 cfg_ov = [*ov, f"run.executor={ex}"]
                 try:
@@ -74,11 +75,11 @@ def main() -> int:
                     continue
                 per = statistics.median(times[1:]) if len(times) > 1 else times[0]
                 one = per * info["full_rounds"]
-                total[method] = min(total.get(method, float("inf")), one * runs_per_method)
+                total[method] = min(total.get(method, float("inf")), one * runs_of[method])
                 acc = info["accuracy"]
                 lines.append(f"| {method} | {ex} | {per:.2f} | {times[0]:.2f} | "
                              f"{'-' if acc is None else format(acc, '.4f')} | {info['failed']} | {one:.0f} | "
-                             f"{one * runs_per_method:.0f} |")
+                             f"{one * runs_of[method]:.0f} ({runs_of[method]}) |")
                 print(lines[-1], flush=True)
         lines += ["", f"whole sweep at the faster executor per method (est.): {sum(total.values()) / 3600:.2f} "
                   "GPU hours, one run at a time"]
