@@ -66,6 +66,8 @@ def test_list_prints_every_section(capsys):
     for name in ("fedavg", "fedprox", "fedavgm", "digits", "mnist1d", "dirichlet", "shards", "median", "krum",
                  "sign_flip", "int8", "topk"):
         assert name in text
+    partitions = text.split("partitions:")[1].split("models (")[0].split()
+    assert "natural" in partitions and "file" in partitions  # the two that are not label functions too
     models = text.split("models (")[1].split("aggregators:")[0]
     mlp = next(line for line in models.splitlines() if line.split() and line.split()[0] == "mlp")
     assert int(mlp.split()[1]) == 8 * 8 * 128 + 128 + 128 * 10 + 10  # parameter count for (1, 8, 8) inputs

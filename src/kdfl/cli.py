@@ -113,6 +113,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("partitions:")
         for name in PARTITIONS:
             print(f"  {name}")
+        print("  natural          the data set's own per-client split (synthetic, npz with per-client arrays)")
+        print("  file             rows read from partition.path (written by `kdfl partition` or by hand)")
     if what in ("all", "models"):
         try:
             shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else (1, 8, 8)
