@@ -193,7 +193,7 @@ SPECS: dict[str, Spec] = {
             f"({P}clients/clientfml.py:24,49-50`: mean over B*C) and clips gradient norms at 10 (clientfml.py:57-58`).",
             "Left different: PFLlib's KL targets `F.softmax(output_g)` / `F.softmax(output)` are not detached and "
             "both losses are back-propagated (clientfml.py:49-50,54-55`), so each model also gets the other's KL "
-            "gradient; kdfl detaches the target (deep mutual learning; `src/kdfl/algorithms/fml.py`, `kl_to`). "
+            "gradient; kdfl detaches the target (deep mutual learning; `src/kdfl/losses.py`, `mutual_kl`). "
             f"PFLlib averages the memes uniformly ({P}servers/serverfml.py:96-98`); kdfl weights the deltas by "
             "sample counts (`kit/weights.py::aggregate_deltas`) and has no uniform option for FML.",
             "Personal models' initial weights: PFLlib's copy `args.model` (the global initial weights); kdfl's "

@@ -124,6 +124,24 @@ class Sum:
         return total
 
 
+KL_REDUCTIONS = ("mean", "batchmean")
+
+
+def mutual_kl(target_logits: Tensor, logits: Tensor, temperature: float = 1.0, reduction: str = "batchmean",
+              detach_target: bool = True) -> Tensor:
+    """``T²·KL(softmax(target/T) ‖ softmax(logits/T))`` between two models' logits, the
+    mutual-distillation term of FML and FedKD. ``reduction``: ``"batchmean"``, the batch
+    mean of the per-sample KL; ``"mean"``, ``nn.KLDivLoss()``'s default, the mean over the
+    B·C elements (1/C of it, what PFLlib and the FedKD authors use). ``detach_target``
+    stops gradients into the target (written out, so the vectorized executor's vmap
+    batches it)."""
+    t = temperature
+    log_q = F.log_softmax((target_logits.detach() if detach_target else target_logits) / t, -1)
+    log_p = F.log_softmax(logits / t, -1)
+    per = log_q.exp() * (log_q - log_p)  # (B, C)
+    return (per.mean() if reduction == "mean" else per.sum(-1).mean()) * (t * t)
+
+
 def kd_kl(student_logits: Tensor, teacher_probs: Tensor, temperature: float, t2: bool = True) -> Tensor:
     """``T²·KL(q ‖ softmax(s/T))`` averaged over the batch (Hinton et al., 2015).
 

@@ -79,7 +79,7 @@ from kdfl.algorithms.kit import weights
 from kdfl.algorithms.kit.features import arch_feature_dim
 from kdfl.algorithms.program import DELTA, Custom, Model, Phase, Program, fresh_weights
 from kdfl.compression import FACTOR_SEP, SVD
-from kdfl.losses import Batch, Outputs
+from kdfl.losses import KL_REDUCTIONS, Batch, Outputs, mutual_kl
 from kdfl.train import LocalSGD, evaluate
 from kdfl.types import (
     Client,
@@ -163,19 +163,8 @@ def advance(weights_: StateDict, update: StateDict) -> StateDict:
 
 
 # ----------------------------------------------------------------------------- loss
-KL_REDUCTIONS = ("mean", "batchmean")
 PROJECTIONS = ("always", "width")
 MENTOR_INITS = ("mentee", "fresh")
-
-
-def _kl(target_logits: Tensor, logits: Tensor, reduction: str = "mean") -> Tensor:
-    """``KL(softmax(target) ‖ softmax(logits))`` with gradients into both. ``"mean"``:
-    ``nn.KLDivLoss()``'s default, the mean over the B·C elements (the batch-mean KL / C,
-    both references); ``"batchmean"``: the mean over the batch of the per-sample KL."""
-    log_q = F.log_softmax(target_logits, -1)
-    log_p = F.log_softmax(logits, -1)
-    per = log_q.exp() * (log_q - log_p)  # (B, C)
-    return per.mean() if reduction == "mean" else per.sum(-1).mean()
 
 
 @dataclass(frozen=True)
@@ -207,7 +196,8 @@ class FedKDLoss:
         if self.detach_weight:
             a = a.detach()
         r = self.kl_reduction
-        total = lt + ls + a * (_kl(s, t, r) + _kl(t, s, r))
+        total = lt + ls + a * (mutual_kl(s, t, reduction=r, detach_target=False)
+                               + mutual_kl(t, s, reduction=r, detach_target=False))
         if self.hidden:
             hs, ht = out.features(MENTEE), out.features(MENTOR)
             if self.project:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from kdfl.algorithms.fedavg import FedAvgState
 from kdfl.algorithms.kit import weights
 from kdfl.algorithms.program import Delta, Model, Phase, Program, fresh_weights
-from kdfl.losses import Batch, Outputs
+from kdfl.losses import KL_REDUCTIONS, Batch, Outputs, mutual_kl
 from kdfl.train import LocalSGD, evaluate
 from kdfl.types import (
     Client,
@@ -54,21 +54,6 @@ from kdfl.types import (
 
 LOCAL = "local"  # the client's personal model (kept, any architecture)
 MEME = "meme"  # the shared model (the server's architecture, averaged)
-
-
-KL_REDUCTIONS = ("mean", "batchmean")
-
-
-def kl_to(target_logits: Tensor, logits: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
-    """``T²·KL(softmax(target/T) ‖ softmax(logits/T))``; the target is detached (written
-    out so the vectorized executor's vmap batches it). ``"batchmean"``: the batch mean of
-    the per-sample KL; ``"mean"``: ``nn.KLDivLoss()``'s default, the mean over the B·C
-    elements (1/C of it)."""
-    t = temperature
-    log_q = F.log_softmax(target_logits.detach() / t, -1)
-    log_p = F.log_softmax(logits / t, -1)
-    per = log_q.exp() * (log_q - log_p)  # (B, C)
-    return (per.mean() if reduction == "mean" else per.sum(-1).mean()) * (t * t)
 
 
 @dataclass(frozen=True)
@@ -95,11 +80,11 @@ class MutualLoss:
         if self.alpha:
             terms.append(self.alpha * F.cross_entropy(local, batch.y))
         if self.alpha != 1:
-            terms.append((1 - self.alpha) * kl_to(meme, local, self.temperature, self.kl_reduction))
+            terms.append((1 - self.alpha) * mutual_kl(meme, local, self.temperature, self.kl_reduction))
         if self.beta:
             terms.append(self.beta * F.cross_entropy(meme, batch.y))
         if self.beta != 1:
-            terms.append((1 - self.beta) * kl_to(local, meme, self.temperature, self.kl_reduction))
+            terms.append((1 - self.beta) * mutual_kl(local, meme, self.temperature, self.kl_reduction))
         total = terms[0]
         for t in terms[1:]:
             total = total + t
